@@ -1,0 +1,1 @@
+"""Pure torch guidance terms (no ComfyUI imports), shared by the nodes."""

@@ -1,0 +1,13 @@
+"""The ComfyUI layer: one module per technique (V3 schemas, thin execute()) and the extension listing them."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+# Every node class of the pack, in menu order. Node IDs are stored in saved workflows: never rename one.
+NODES: list[type[io.ComfyNode]] = []
+
+
+class TrajectoryLabExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,1 @@
+"""Pure torch sampler cores (no ComfyUI imports): conventions, steppers and the samplers built on them."""

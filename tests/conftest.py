@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core machines: threads make small convs ~100x slower
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from comfy_host import PACK_ROOT, ServerHost  # noqa: E402
+from harness import TEST_NODES_FOLDER, TESTS_DIR, in_process_host  # noqa: E402
+
+# The server loads the pack from a folder name with a dot, a dash and a space: relative imports must hold.
+ODD_PACK_FOLDER = "Trajectory-Lab.dev copy"
+
+
+@pytest.fixture(scope="session")
+def host():
+    return in_process_host()
+
+
+@pytest.fixture(scope="session")
+def server():
+    custom_nodes = {ODD_PACK_FOLDER: PACK_ROOT, TEST_NODES_FOLDER: TESTS_DIR / TEST_NODES_FOLDER}
+    srv = ServerHost(custom_nodes, extra_pythonpath=[TESTS_DIR])
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.close()
