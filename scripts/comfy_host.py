@@ -8,9 +8,11 @@ so ComfyUI's own custom-node loader imports the pack exactly as it would for a u
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +30,9 @@ PACK_ROOT = REPO_ROOT
 
 def make_base_dir(custom_nodes: dict[str, Path], base: Path | None = None) -> Path:
     """A ComfyUI base directory with `custom_nodes/<name>` symlinked to each given folder."""
-    base = Path(base or tempfile.mkdtemp(prefix="tl-comfy-"))
+    if base is None:
+        base = Path(tempfile.mkdtemp(prefix="tl-comfy-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)  # throw-away: gone when the process ends
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     for name, target in custom_nodes.items():
         link = base / "custom_nodes" / name
@@ -76,26 +80,41 @@ class InProcessHost:
         return importlib.import_module(f"{name}.{submodule}" if submodule else name)
 
     def run(self, prompt: dict, outputs: list[str] | None = None) -> dict[str, list]:
-        """Validate and execute an API-format prompt; return every executed node's output values.
+        """Validate and execute an API-format prompt; return every node's output values.
+
+        All nodes run (not only output nodes), so tests can read any node's result.
 
         Raises PromptError with ComfyUI's own validation or execution messages on failure.
         """
         prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
-        if not valid[0]:
-            raise PromptError(f"prompt invalid: {valid[1]} {json.dumps(valid[3], default=str)}")
+        errors = asyncio.run(self._validate_every_node(prompt_id, prompt))
+        if errors:
+            raise PromptError(f"prompt invalid: {json.dumps(errors, default=str)[:4000]}")
         self.executor.reset()  # fresh caches: every run really executes
-        self.executor.execute(prompt, prompt_id, {"client_id": "tests"}, outputs if outputs is not None else valid[2])
+        self.executor.execute(prompt, prompt_id, {"client_id": "tests"}, outputs or list(prompt))
         if not self.executor.success:
             errors = [m for m in self.executor.status_messages if m[0] == "execution_error"]
             raise PromptError(f"prompt failed: {json.dumps(errors, default=str)[:4000]}")
         results = {}
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
-            if entry is not None:
-                results[node_id] = entry.outputs
+            if entry is not None:  # one list per output slot (list-mode nodes give several items)
+                results[node_id] = tuple(items[0] if len(items) == 1 else items for items in entry.outputs)
         self.last_ui = self.executor.history_result["outputs"]
         return results
+
+    async def _validate_every_node(self, prompt_id: str, prompt: dict) -> dict:
+        """ComfyUI's own input validation, applied to every node (the server's only reaches output nodes)."""
+        validated: dict = {}
+        errors = {}
+        for node_id, node in prompt.items():
+            if node.get("class_type") not in self.nodes.NODE_CLASS_MAPPINGS:
+                errors[node_id] = f"unknown node type {node.get('class_type')!r}"
+                continue
+            ok, reasons, _ = await self.execution.validate_inputs(prompt_id, prompt, node_id, validated)
+            if not ok:
+                errors[node_id] = reasons
+        return errors
 
 
 class PromptError(RuntimeError):

@@ -27,3 +27,14 @@ def server():
         yield srv.wait_ready()
     finally:
         srv.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Drop cached ModelPatchers while ComfyUI's modules still exist (their __del__ needs them at exit).
+    import gc
+
+    import tiny_models
+
+    for cached in (tiny_models._base_patcher, tiny_models.build_tiny_vae, tiny_models.build_pixel_space_vae):
+        cached.cache_clear()
+    gc.collect()
