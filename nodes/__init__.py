@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .perturbed_attention import PerturbedAttention
+
 # Every node class of the pack, in menu order. Node IDs are stored in saved workflows: never rename one.
-NODES: list[type[io.ComfyNode]] = []
+NODES: list[type[io.ComfyNode]] = [PerturbedAttention]
 
 
 class TrajectoryLabExtension(ComfyExtension):

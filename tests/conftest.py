@@ -10,6 +10,9 @@ torch.set_num_threads(1)
 from comfy_host import PACK_ROOT, ServerHost  # noqa: E402
 from harness import TEST_NODES_FOLDER, TESTS_DIR, in_process_host  # noqa: E402
 
+# ComfyUI is started (and made importable) before any test module is collected: tests import `comfy` directly.
+in_process_host()
+
 # The server loads the pack from a folder name with a dot, a dash and a space: relative imports must hold.
 ODD_PACK_FOLDER = "Trajectory-Lab.dev copy"
 
