@@ -38,6 +38,11 @@ def pytest_sessionfinish(session, exitstatus):
 
     import tiny_models
 
-    for cached in (tiny_models._base_patcher, tiny_models.build_tiny_vae, tiny_models.build_pixel_space_vae):
+    for cached in (
+        tiny_models._base_patcher,
+        tiny_models.build_tiny_vae,
+        tiny_models.build_pixel_space_vae,
+        tiny_models.build_tiny_controlnet,
+    ):
         cached.cache_clear()
     gc.collect()

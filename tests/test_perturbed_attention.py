@@ -252,6 +252,35 @@ def test_composes_with_attention_patches_and_freeu():
     assert rel_err(sample(with_pag(patched, batched=False), arch), both) < 1e-5
 
 
+def test_composes_with_lora_and_controlnet_in_a_graph(host):
+    """LoRA-patched model -> PAG, and a ControlNet on the conditioning: the three-chunk batch carries the control
+    hint too (batched equals unbatched), and each of PAG, LoRA and ControlNet changes the result."""
+
+    def prompt(pag_on=True, batched=True, lora=True, control=True):
+        p = tiny_arch_nodes("sd15", "a_")
+        model = ["a_model", 0]
+        if lora:
+            p["lora"] = {"class_type": "TLTest_TinyLoRA", "inputs": {"model": model, "strength": 1.0, "seed": 0}}
+            model = ["lora", 0]
+        if pag_on:
+            p["pag"] = pag_node(model, batched=batched)
+            model = ["pag", 0]
+        p["a_sample"]["inputs"]["model"] = model
+        if control:
+            p["cn"] = {"class_type": "TLTest_TinyControlNet", "inputs": {"seed": 0}}
+            p["hint"] = {"class_type": "TLTest_HintImage", "inputs": {"seed": 0}}
+            p["apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["a_pos", 0], "negative": ["a_neg", 0], "control_net": ["cn", 0], "image": ["hint", 0],
+                "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}  # fmt: skip
+            p["a_sample"]["inputs"].update(positive=["apply", 0], negative=["apply", 1])
+        return host.run(p)["a_sample"][0]["samples"]
+
+    full = prompt()
+    assert rel_err(prompt(batched=False), full) < 1e-5
+    for variant in (dict(pag_on=False), dict(lora=False), dict(control=False)):
+        assert rel_err(prompt(**variant), full) > 1e-3, variant
+
+
 def test_input_model_is_not_mutated_and_reapplying_replaces():
     arch = "flux"
     model = tiny_models.build_tiny_model(arch)

@@ -412,3 +412,97 @@ def build_gmm_model(flavour: str = "eps", preset: str = "four_modes"):
     if preset not in GMM_PRESETS:
         raise ValueError(f"unknown GMM preset {preset!r}; expected one of {GMM_PRESETS}")
     return _base_patcher("gmm", (flavour, preset)).clone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ControlNet and LoRA for the tiny UNets
+# ---------------------------------------------------------------------------------------------------------
+
+HINT_SIZE = 64  # hint IMAGE side: the ControlNet's hint block downsamples x8 to the 8x8 latent
+
+
+@functools.cache
+def build_tiny_controlnet(seed: int = 0):
+    """A real comfy.controlnet.ControlNet over comfy.cldm.cldm.ControlNet shaped like the tiny "sd15" UNet.
+
+    Built the way `comfy.controlnet.load_controlnet_state_dict` builds an ldm-format ControlNet (unet_config
+    minus out_channels, plus hint_channels and ComfyUI's picked operations), but from the tiny config, since
+    detection from a state dict cannot see tiny widths. Seeded weights include the zero-convs, so it acts.
+    Cached: ControlNetApply* nodes copy it before setting a hint.
+    """
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    config = _tiny_model_config("sd15")
+    cn_config = dict(config.unet_config)
+    cn_config.pop("out_channels")
+    dtype = torch.float32
+    load_device = mm.get_torch_device()
+    manual_cast_dtype = mm.unet_manual_cast(dtype, load_device)
+    cn_config.update(
+        hint_channels=3,
+        dtype=dtype,
+        device=mm.unet_offload_device(),
+        operations=comfy.ops.pick_operations(dtype, manual_cast_dtype),
+    )
+    with torch.inference_mode(False), torch.no_grad():
+        control_model = fill_seeded_(comfy.cldm.cldm.ControlNet(**cn_config), seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast_dtype)
+
+
+def tiny_hint_image(seed: int = 0) -> torch.Tensor:
+    """IMAGE [1, HINT_SIZE, HINT_SIZE, 3], uniform in [0, 1]."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand(1, HINT_SIZE, HINT_SIZE, 3, generator=gen)
+
+
+LORA_TARGETS = 5  # the first 4 attention projections and the first 2-D conv of the diffusion model
+
+
+def _lora_target_keys(model) -> list[str]:
+    sd = model.diffusion_model.state_dict()
+    weights = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim in (2, 4)]
+    attn = [k for k in weights if "attn" in k and sd[k].ndim == 2][:4]
+    conv = [k for k in weights if sd[k].ndim == 4][:1]
+    return attn + conv
+
+
+def tiny_lora_patches(arch: str = "sd15", seed: int = 0, rank: int = 2) -> dict:
+    """Patches for `ModelPatcher.add_patches`: a seeded kohya-style LoRA (lora_up/lora_down/alpha, LoCon for the
+    conv) over a few layers of `arch`'s tiny model, turned into ComfyUI's format by ComfyUI itself
+    (`comfy.lora.model_lora_keys_unet` + `comfy.lora.load_lora`, as `comfy.sd.load_lora_for_models` does).
+    """
+    import comfy.lora
+
+    _check_arch(arch)
+    model = _base_patcher("arch", (arch, 0)).model  # key names do not depend on the weights' seed
+    shapes = model.diffusion_model.state_dict()
+    gen = torch.Generator().manual_seed(int(seed))
+    lora_sd = {}
+    for key in _lora_target_keys(model):
+        shape = shapes[key].shape
+        out_dim, in_shape = shape[0], tuple(shape[1:])
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        # LoCon conv: down carries the kernel, up is 1x1; fan-in scaling keeps the delta like the weight's size.
+        up_shape = (out_dim, rank) + (1,) * (len(shape) - 2)
+        down = torch.randn((rank,) + in_shape, generator=gen) / math.sqrt(math.prod(in_shape))
+        up = torch.randn(up_shape, generator=gen) / math.sqrt(rank)
+        lora_sd[f"{name}.lora_down.weight"] = down
+        lora_sd[f"{name}.lora_up.weight"] = up
+        lora_sd[f"{name}.alpha"] = torch.tensor(rank / 2.0)  # alpha / rank = 0.5: a moderate change
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    patches = comfy.lora.load_lora(lora_sd, key_map)
+    if len(patches) != len(lora_sd) // 3:
+        raise RuntimeError(f"ComfyUI mapped {len(patches)} of {len(lora_sd) // 3} tiny LoRA layers")
+    return patches
+
+
+def tiny_arch_of(model_patcher) -> str:
+    """The ARCHS name of a tiny-model MODEL, from its supported_models config class."""
+    name = type(getattr(model_patcher.model, "model_config", None)).__name__
+    for arch, cls_name in _CONFIG_CLASS.items():
+        if cls_name == name:
+            return arch
+    raise ValueError(f"not a tiny-model MODEL (config {name}); expected one of {ARCHS}")

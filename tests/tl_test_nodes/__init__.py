@@ -150,6 +150,61 @@ class TLTest_GMMConditioning:
         return (tiny_models.gmm_conditioning(_parse_weights(weights)),)
 
 
+class TLTest_TinyControlNet:
+    """A real SD1.5-style ControlNet matching TLTest_TinyModel("sd15"); hint: a 64x64 IMAGE (8x8 latent)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, seed):
+        return (tiny_models.build_tiny_controlnet(seed),)
+
+
+class TLTest_HintImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, seed):
+        return (tiny_models.tiny_hint_image(seed),)
+
+
+class TLTest_TinyLoRA:
+    """Clone of `model` with a seeded tiny LoRA added through ComfyUI's own patching (add_patches)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, strength, seed):
+        patches = tiny_models.tiny_lora_patches(tiny_models.tiny_arch_of(model), seed)
+        patched = model.clone()
+        # Patched even at strength 0 (LoraLoader skips it) so the patch path itself is exercised.
+        applied = patched.add_patches(patches, strength)
+        if len(applied) != len(patches):
+            raise ValueError("TLTest_TinyLoRA: the MODEL lacks some tiny LoRA layers")
+        return (patched,)
+
+
 def _parse_weights(text: str) -> list:
     values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     if not values or any(v < 0 for v in values):
@@ -167,6 +222,9 @@ NODE_CLASS_MAPPINGS = {
         TLTest_GMMModel,
         TLTest_GMMConditioning,
         TLTest_GMMLatent,
+        TLTest_TinyControlNet,
+        TLTest_HintImage,
+        TLTest_TinyLoRA,
     )
 }
 NODE_DISPLAY_NAME_MAPPINGS = {name: name.replace("TLTest_", "TLTest ") for name in NODE_CLASS_MAPPINGS}
