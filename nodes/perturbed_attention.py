@@ -40,24 +40,28 @@ ACTIVE_BLOCK = "trajectory_lab.pag_block"  # transformer_options entry while a c
 AUTO_DIT_BLOCK = 1  # "auto" on DiTs: block 1 of the main stack (diffusers' SD3 default), or 0 if there is one
 
 
-def resolve_layers(arch: Architecture, spec: str) -> list[UNetLayer] | list[DiTLayer]:
-    """The layers a spec names on this architecture; a clear error if it names none or one that is absent."""
+def resolve_unet_layers(arch: Architecture, spec: str) -> list[UNetLayer]:
+    """The UNet layers a spec names; a clear error if it names none or one that is absent."""
     spec = spec.strip()
-    if arch.family == "unet":
-        letter = {name: key for key, name in UNET_BLOCKS.items()}
-        valid = ", ".join(f"{letter[b]}{n} (depth {d})" for (b, n), d in arch.unet_depths.items())
-        unet_layers = [UNetLayer("middle", 0)] if spec.lower() in ("", "auto") else parse_unet_layers(spec)
-        for layer in unet_layers:
-            depth = arch.unet_depths.get((layer.block, layer.number))
-            if depth is None:
-                raise ValueError(f"layers: {layer.block} block {layer.number} has no self-attention in {arch.name}; "
-                                 f"blocks with attention: {valid}")  # fmt: skip
-            if layer.transformer_indices and max(layer.transformer_indices) >= depth:
-                raise ValueError(f"layers: {layer.block} block {layer.number} has transformer indices 0..{depth - 1}, "
-                                 f"not {max(layer.transformer_indices)}")  # fmt: skip
-        if not unet_layers:
-            raise ValueError(f"layers: {spec!r} names no layer; blocks with attention: {valid}")
-        return unet_layers
+    letter = {name: key for key, name in UNET_BLOCKS.items()}
+    valid = ", ".join(f"{letter[b]}{n} (depth {d})" for (b, n), d in arch.unet_depths.items())
+    unet_layers = [UNetLayer("middle", 0)] if spec.lower() in ("", "auto") else parse_unet_layers(spec)
+    for layer in unet_layers:
+        depth = arch.unet_depths.get((layer.block, layer.number))
+        if depth is None:
+            raise ValueError(f"layers: {layer.block} block {layer.number} has no self-attention in {arch.name}; "
+                             f"blocks with attention: {valid}")  # fmt: skip
+        if layer.transformer_indices and max(layer.transformer_indices) >= depth:
+            raise ValueError(f"layers: {layer.block} block {layer.number} has transformer indices 0..{depth - 1}, "
+                             f"not {max(layer.transformer_indices)}")  # fmt: skip
+    if not unet_layers:
+        raise ValueError(f"layers: {spec!r} names no layer; blocks with attention: {valid}")
+    return unet_layers
+
+
+def resolve_dit_layers(arch: Architecture, spec: str) -> list[DiTLayer]:
+    """The DiT blocks a spec names; a clear error if it names none or one that is absent."""
+    spec = spec.strip()
     counts = arch.dit_blocks
     valid = ", ".join(f"{kind.split('_')[0]}0-{n - 1}" for kind, n in counts.items() if n)
     if spec.lower() in ("", "auto"):
@@ -204,7 +208,8 @@ def apply_perturbed_attention(
         raise ValueError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy "
                          "0 <= start_percent <= end_percent <= 1")  # fmt: skip
     arch = detect_architecture(model)
-    chosen = resolve_layers(arch, layers)
+    unet_layers = resolve_unet_layers(arch, layers) if arch.family == "unet" else []
+    dit_layers = resolve_dit_layers(arch, layers) if arch.family == "dit" else []
     m = model.clone()
     _remove_previous(m)
     if scale == 0:
@@ -212,23 +217,21 @@ def apply_perturbed_attention(
 
     transformer_options = m.model_options["transformer_options"] = dict(m.model_options.get("transformer_options", {}))
     replace = transformer_options.get("patches_replace", {})
-    if arch.family == "unet":
+    if unet_layers:
         attn1 = replace.get("attn1", {})
-        for layer in chosen:
-            assert isinstance(layer, UNetLayer)
+        for layer in unet_layers:
             indices = layer.transformer_indices or (None,)
             for index in indices:
                 key = (layer.block, layer.number) + (() if index is None else (index,))
                 m.set_model_attn1_replace(_unet_attn1(_unwrap(attn1.get(key))), layer.block, layer.number, index)
     else:
         dit = replace.get("dit", {})
-        for layer in chosen:
-            assert isinstance(layer, DiTLayer)
-            key = (layer.kind, layer.index)
+        for dit_layer in dit_layers:
+            key = (dit_layer.kind, dit_layer.index)
             m.set_model_patch_replace(_dit_block(_unwrap(dit.get(key)), arch.text_first_joint), "dit", *key)
-        if arch.text_first_joint and any(layer.kind == "single_block" for layer in chosen):
+        if arch.text_first_joint and any(la.kind == "single_block" for la in dit_layers):
             last = ("double_block", arch.dit_blocks["double_block"] - 1)
-            if last not in {(la.kind, la.index) for la in chosen}:
+            if last not in {(la.kind, la.index) for la in dit_layers}:
                 m.set_model_patch_replace(_record_text_tokens(_unwrap(dit.get(last))), "dit", *last)
         options = m.model_options["transformer_options"] = dict(m.model_options["transformer_options"])
         options["optimized_attention_override"] = _attention_override(
