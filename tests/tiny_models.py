@@ -22,7 +22,7 @@ from gmm_exact import GaussianMixture, flow_alpha, ve_alpha
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan21")
 GMM_FLAVOURS = ("eps", "flow")
-GMM_PRESETS = ("four_modes", "two_modes_1d", "gaussian_2d")
+GMM_PRESETS = ("four_modes", "two_modes_1d", "gaussian_2d", "four_modes_blurred")
 
 TOKENS = 8  # text tokens per tiny conditioning
 POOLED_DIM = 32
@@ -276,6 +276,9 @@ def gmm_preset(preset: str = "four_modes") -> GaussianMixture:
     if preset == "four_modes":
         means = [[-2.5, -2.5], [2.5, -2.5], [-2.5, 2.5], [2.5, 2.5]]
         return GaussianMixture(means, [0.1, 0.2, 0.3, 0.4], 0.25)
+    if preset == "four_modes_blurred":  # a deliberately coarser model of four_modes (T-Stitch's "small" model)
+        means = [[-2.5, -2.5], [2.5, -2.5], [-2.5, 2.5], [2.5, 2.5]]
+        return GaussianMixture(means, [0.1, 0.2, 0.3, 0.4], 1.0)
     if preset == "two_modes_1d":
         return GaussianMixture([[-2.0], [2.0]], [0.3, 0.7], 0.5)
     if preset == "gaussian_2d":  # one component: the posterior mean is linear in x

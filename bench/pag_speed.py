@@ -1,0 +1,251 @@
+"""PAG speed: ms per sampler step of plain CFG, ComfyUI's built-in PAG and ours (batched, unbatched), one run.
+
+Usage: .venv/bin/python bench/pag_speed.py [--device cpu|cuda] [--out docs/PAG_SPEED.md] [--repeats N]
+
+cpu: the test suite's tiny real models (sd15, sdxl, sd3, flux, wan21). cuda: full-size architectures with
+random weights (SD1.5 512² fp16, SDXL 1024² fp16, Flux-dev 1024² bf16). Every variant samples the same model,
+noise and conditioning (euler, 6 steps); ms/step comes from per-step timestamps (the first step and the
+sampler's set-up are left out), median over repeats after one warm-up, variants interleaved per repeat.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CPU machines: threads make small convs ~100x slower
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, CFG, PAG_SCALE, BATCHES = 6, 5.0, 3.0, (1, 4)
+VARIANTS = ("CFG", "built-in PAG", "ours batched", "ours unbatched")
+TINY_ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan21")
+# fmt: off
+_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+         "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
+         "use_temporal_resblock": False}
+# name: (comfy.supported_models class, dtype, the full unet_config that comfy.model_detection derives from a real
+# checkpoint, latent [C, H, W], text tokens, context width, pooled width)
+FULL_SIZE = {
+    "SD1.5 512²": ("SD15", torch.float16, {**_UNET, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
+                   "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+                   "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+                   "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
+                   (4, 64, 64), 77, 768, None),
+    "SDXL 1024²": ("SDXL", torch.float16, {**_UNET, "num_classes": "sequential", "adm_in_channels": 2816,
+                   "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+                   "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+                   "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+                   (4, 128, 128), 77, 2048, 1280),
+    "Flux-dev 1024²": ("Flux", torch.bfloat16, {"image_model": "flux", "in_channels": 16, "out_channels": 16,
+                       "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
+                       "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+                       "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
+                       (16, 128, 128), 256, 4096, 768),
+}
+# fmt: on
+
+
+def start_comfyui(device: str):
+    """The test harness's in-process ComfyUI with the pack loaded; returns (pack's PAG module, built-in node)."""
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]
+    if device == "cuda":
+        # The harness pins ComfyUI to the CPU (args.cpu) before importing model_management; importing it first
+        # with default arguments keeps ComfyUI's own GPU set-up (device, attention backend).
+        from comfyui_tree import comfyui_tree
+
+        sys.path.insert(0, str(comfyui_tree()))
+        import comfy.model_management  # noqa: F401
+    from harness import in_process_host, pack
+
+    in_process_host()
+    import comfy_extras.nodes_pag
+
+    return pack("nodes.perturbed_attention"), comfy_extras.nodes_pag.PerturbedAttentionGuidance
+
+
+def random_conditioning(seed: int, tokens: int, width: int, pooled: int | None) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    extras = {"pooled_output": torch.randn(1, pooled, generator=gen)} if pooled else {}
+    return [[torch.randn(1, tokens, width, generator=gen), extras]]
+
+
+@torch.no_grad()
+def build_full_size(cls_name: str, dtype: torch.dtype, unet_config: dict):
+    """The real ComfyUI model class at full size, built on the GPU, weights filled like tiny_models.fill_seeded_."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, cls_name)(dict(unet_config))
+    config.set_inference_dtype(dtype, None)
+    device = mm.get_torch_device()
+    model = config.get_model({}, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    for name, p in model.diffusion_model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+        else:
+            p.normal_(1.0 if name.endswith(("weight", "scale")) else 0.0, 0.02, generator=gen)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def cases(device: str):
+    """(name, MODEL, positive, negative, latent shape for a batch) per benchmarked model, built lazily."""
+    if device == "cpu":
+        import tiny_models
+
+        for arch in TINY_ARCHS:
+            conds = [tiny_models.tiny_conditioning(arch, seed) for seed in (1, 2)]
+            yield f"{arch} (tiny)", tiny_models.build_tiny_model(arch), *conds, partial(tiny_models.latent_shape, arch)
+        return
+    for name, (cls_name, dtype, unet_config, latent, tokens, width, pooled) in FULL_SIZE.items():
+        started = time.perf_counter()
+        model = build_full_size(cls_name, dtype, unet_config)
+        print(f"{name}: built in {time.perf_counter() - started:.1f} s", flush=True)
+        conds = [random_conditioning(seed, tokens, width, pooled) for seed in (1, 2)]
+        yield name, model, *conds, lambda b, c=latent: (b, *c)
+
+
+def sample_timed(model, positive, negative, shape, sync) -> tuple[float, torch.Tensor]:
+    """Sample once; seconds per step between the first and the last step's callback, and the final latent."""
+    import comfy.sample
+
+    stamps: list[float] = []
+
+    def callback(step, x0, x, total_steps):
+        sync()
+        stamps.append(time.perf_counter())
+
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = comfy.sample.sample(model, noise, STEPS, CFG, "euler", "normal", positive, negative, torch.zeros(shape),
+                              seed=0, callback=callback, disable_pbar=True)  # fmt: skip
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1), out.float()
+
+
+def bench(device: str, repeats: int) -> list[dict]:
+    pag, builtin = start_comfyui(device)
+    import comfy.model_management as mm
+
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    rows = []
+    for name, model, positive, negative, latent_shape in cases(device):
+        variants = {
+            "CFG": model,
+            "built-in PAG": builtin.execute(model, PAG_SCALE).result[0],
+            "ours batched": pag.apply_perturbed_attention(model, PAG_SCALE, 0.0, "auto", 0.0, 1.0, 0.0, True),
+            "ours unbatched": pag.apply_perturbed_attention(model, PAG_SCALE, 0.0, "auto", 0.0, 1.0, 0.0, False),
+        }
+        for batch in BATCHES:
+            shape = latent_shape(batch)
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            with torch.inference_mode():
+                outs = {v: sample_timed(m, positive, negative, shape, sync)[1] for v, m in variants.items()}  # warm-up
+                for _ in range(repeats):  # interleaved, so drift hits every variant alike
+                    for v, m in variants.items():
+                        times[v].append(sample_timed(m, positive, negative, shape, sync)[0])
+            row = {"model": name, "batch": batch, **{v: 1000 * statistics.median(t) for v, t in times.items()}}
+            row["Δ built-in − CFG"] = (outs["built-in PAG"] - outs["CFG"]).abs().max().item()
+            row["Δ ours − built-in"] = (outs["ours batched"] - outs["built-in PAG"]).abs().max().item()
+            row["Δ batched − unbatched"] = (outs["ours batched"] - outs["ours unbatched"]).abs().max().item()
+            rows.append(row)
+            summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            print(summary, flush=True)
+        del model, variants
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+    return rows
+
+
+def processor_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} thread(s)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown(rows: list[dict], device: str, repeats: int, seconds: float) -> str:
+    import comfyui_version
+
+    def x(r, v):
+        return f"{r[v]:.1f} ({r[v] / r['CFG']:.2f}×)"
+
+    lines = [
+        "# PAG speed: ms per sampler step",
+        "",
+        f"`bench/pag_speed.py --device {device}`, {datetime.date.today().isoformat()}, {seconds:.0f} s in all.",
+        f"{processor_name(device)}; torch {torch.__version__}; ComfyUI {comfyui_version.__version__}; "
+        f"Python {platform.python_version()}.",
+        "",
+        f"Euler, {STEPS} steps, cfg {CFG:g}, PAG scale {PAG_SCALE:g} on the default layer (UNet middle block; ours "
+        f"on DiTs: block 1). ms/step over steps 2-{STEPS} (the sampler's set-up and first step left out), median "
+        f"of {repeats} repeats after one warm-up. (×) = time / CFG time. Δ = max |difference| of the final latents: "
+        "built-in PAG only patches UNet attention, so on DiTs its Δ to CFG is ~0 (it changes nothing) while it still "
+        "pays for an extra conditional pass. Random weights: timings only, no image quality.",
+        "",
+        "| model | batch | CFG | built-in PAG | ours batched | ours unbatched | batched / built-in "
+        "| unbatched / built-in | Δ built-in − CFG | Δ ours − built-in | Δ batched − unbatched |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['CFG']:.1f} | {x(r, 'built-in PAG')} | {x(r, 'ours batched')} "
+            f"| {x(r, 'ours unbatched')} | {r['ours batched'] / r['built-in PAG']:.2f} "
+            f"| {r['ours unbatched'] / r['built-in PAG']:.2f} | {r['Δ built-in − CFG']:.2g} "
+            f"| {r['Δ ours − built-in']:.2g} | {r['Δ batched − unbatched']:.2g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "PAG_SPEED.md")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (cpu 5, cuda 3)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device cuda needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) "
+              "sees none; run with --device cpu for the tiny models", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    repeats = args.repeats or (5 if args.device == "cpu" else 3)
+    started = time.perf_counter()
+    rows = bench(args.device, repeats)
+    write_atomically(args.out, markdown(rows, args.device, repeats, time.perf_counter() - started))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""T-Stitch in the real host: exact routing on tiny real models, and accuracy on the exact GMM."""
+
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import pytest
+import tiny_models
+import torch
+from harness import pack
+from workflows import tiny_arch_nodes
+
+ts = pack("nodes.trajectory_stitching")
+core = pack("samplers.stitching")
+pag = pack("nodes.perturbed_attention")
+
+# ---------------------------------------------------------------- pure rules
+
+
+def test_step_rule_and_thresholds():
+    assert core.steps_per_model(10, [0.4]) == [4, 6]
+    assert core.steps_per_model(10, [0.0]) == [0, 10] and core.steps_per_model(10, [1.0]) == [10, 0]
+    assert core.steps_per_model(100, [0.29, 0.58]) == [29, 29, 42]  # 0.29 * 100 is 28.999...: still 29
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.0]
+    thresholds = core.step_thresholds(sigmas, [0.5])
+    assert [core.model_index(s, thresholds) for s in sigmas[:-1]] == [0, 0, 1, 1]
+    assert core.model_index(2.0, core.step_thresholds(sigmas, [0.0])) == 1
+    assert all(core.model_index(s, core.step_thresholds(sigmas, [1.0])) == 0 for s in sigmas[:-1])
+    with pytest.raises(ValueError, match="must not decrease"):
+        core.check_fractions([0.6, 0.3])
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        core.check_fractions([1.2])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def sample(model, arch="sd15", steps=10, cfg=2.0, sampler="euler", scheduler="normal", positive=None):
+    latent = torch.zeros(tiny_models.latent_shape(arch))
+    positive = positive or tiny_models.tiny_conditioning(arch, 1)
+    negative = [[torch.zeros_like(positive[0][0]), {k: torch.zeros_like(v) for k, v in positive[0][1].items()}]]
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=0, disable_pbar=True
+    )
+
+
+def counted(model):
+    calls: list[float] = []
+    m = model.clone()
+
+    def wrapper(executor, x, t, *args, **kwargs):
+        calls.append(float(t.flatten()[0]))
+        return executor(x, t, *args, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.count", wrapper)
+    return m, calls
+
+
+def stitch(small, large, r, switch_by="steps"):
+    return ts.TStitchModel.execute(small, large, r, switch_by).result[0]
+
+
+# ---------------------------------------------------------------- exactness of the routing
+
+
+@pytest.mark.parametrize("r", [0.0, 0.25, 0.4, 1.0])
+def test_same_model_twice_is_plain_sampling_with_exact_call_counts(r):
+    base = tiny_models.build_tiny_model("sd15")
+    small, small_calls = counted(base)
+    large, large_calls = counted(base)
+    assert torch.equal(sample(stitch(small, large, r)), sample(base))
+    n_small = int(r * 10 + 1e-9)
+    assert (len(small_calls), len(large_calls)) == (n_small, 10 - n_small)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "dpmpp_2s_ancestral", "uni_pc", "lcm", "euler_ancestral"])
+def test_every_kind_of_sampler_is_unchanged_when_both_models_are_the_same(sampler):
+    base = tiny_models.build_tiny_model("sd15")
+    assert torch.equal(sample(stitch(base, base, 0.4), sampler=sampler), sample(base, sampler=sampler))
+
+
+def test_r_zero_is_large_only_and_r_one_small_only():
+    large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
+    assert torch.equal(sample(stitch(small, large, 0.0)), sample(large))
+    assert torch.equal(sample(stitch(small, large, 1.0)), sample(small))
+    mixed = sample(stitch(small, large, 0.5))
+    assert not torch.equal(mixed, sample(large)) and not torch.equal(mixed, sample(small))
+
+
+def test_sigma_switch_routes_by_the_large_models_noise_level():
+    base = tiny_models.build_tiny_model("sd15")
+    small, small_calls = counted(base)
+    large, large_calls = counted(base)
+    r = 0.3
+    threshold = base.get_model_object("model_sampling").percent_to_sigma(r)
+    sample(stitch(small, large, r, "sigma"), steps=12, scheduler="karras", sampler="heun")
+    assert small_calls and large_calls
+    assert all(s > threshold for s in small_calls) and all(s <= threshold for s in large_calls)
+
+
+def test_chain_of_three_takes_cumulative_fractions():
+    base = tiny_models.build_tiny_model("sd15")
+    (m1, c1), (m2, c2), (m3, c3) = counted(base), counted(base), counted(base)
+    chained = ts.TStitchChain.execute(m1, m2, 0.2, "steps", model_3=m3, switch_2=0.7).result[0]
+    assert torch.equal(sample(chained, steps=10), sample(base, steps=10))
+    assert (len(c1), len(c2), len(c3)) == (2, 5, 3)
+
+
+def test_each_model_keeps_its_own_patches():
+    base = tiny_models.build_tiny_model("sd15")
+    with_pag = pag.apply_perturbed_attention(base, 3.0, 0.0, "auto", 0.0, 1.0, 0.0, True)
+    lora = base.clone()
+    lora.add_patches(tiny_models.tiny_lora_patches("sd15", seed=0), 1.0)
+    assert torch.equal(sample(stitch(with_pag, base, 1.0)), sample(with_pag))  # PAG on small: runs on small
+    assert torch.equal(sample(stitch(with_pag, base, 0.0)), sample(base))  # ... and never on large
+    assert torch.equal(sample(stitch(lora, base, 1.0)), sample(lora))  # LoRA weights patched for the small model
+    assert torch.equal(sample(stitch(base, lora, 0.0)), sample(lora))
+    assert torch.equal(sample(base), sample(tiny_models.build_tiny_model("sd15")))  # and unpatched afterwards
+
+
+# ---------------------------------------------------------------- accuracy on the exact GMM
+
+
+def test_gmm_error_rises_with_r_and_matches_large_only_while_switching_at_high_noise():
+    """large = the exact four-mode mixture (std 0.25), small = the same modes blurred to std 1. Heun, 30 Karras
+    steps, 4000 samples, seed 0. Error = relative error of the mean squared distance to the nearest mode
+    (exact: 2 * 0.25^2). Tolerance: within 0.02 of large-only while the switch sigma is >= 5 (data scale ~3.5)."""
+    exact = tiny_models.gmm_preset("four_modes")
+    large = tiny_models.build_gmm_model("eps", "four_modes")
+    small = tiny_models.build_gmm_model("eps", "four_modes_blurred")
+    n, steps = 4000, 30
+    latent = torch.zeros(tiny_models.gmm_latent_shape("four_modes", n))
+    cond = tiny_models.gmm_conditioning([0, 0, 0, 0])
+    sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "karras", steps)
+    errors, switch_sigma = {}, {}
+    for r in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+        out = comfy.sample.sample(
+            stitch(small, large, r), comfy.sample.prepare_noise(latent, 0), steps, 1.0, "heun", "karras", cond, cond,
+            latent, seed=0, disable_pbar=True,
+        ).reshape(n, 2)  # fmt: skip
+        spread = ((out.double() - exact.means[exact.nearest_mode(out)]) ** 2).sum(1).mean().item()
+        errors[r] = abs(spread / (2 * 0.25**2) - 1)
+        switch_sigma[r] = float(sigmas[int(r * steps + 1e-9)])
+    high_noise = [r for r in errors if switch_sigma[r] >= 5.0]
+    assert len(high_noise) >= 3
+    assert all(abs(errors[r] - errors[0.0]) < 0.02 for r in high_noise), errors
+    later = [errors[r] for r in errors if switch_sigma[r] < 5.0]
+    assert later == sorted(later) and later[-1] > 10 * errors[0.0], errors
+
+
+# ---------------------------------------------------------------- guider, graph, errors
+
+
+def test_guider_uses_each_models_conditioning_and_cfg():
+    base, small = tiny_models.build_tiny_model("sd15"), tiny_models.build_tiny_model("sd15", seed=5)
+    pos_large, pos_small = tiny_models.tiny_conditioning("sd15", 1), tiny_models.tiny_conditioning("sd15", 7)
+    neg = [[torch.zeros_like(pos_large[0][0]), {}]]
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 8)
+
+    def run(guider):
+        return guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+
+    def plain(model, positive, cfg):
+        g = comfy.samplers.CFGGuider(model)
+        g.set_conds(positive, neg)
+        g.set_cfg(cfg)
+        return run(g)
+
+    def stitched(r):
+        g = ts.TStitchGuider.execute(small, base, pos_small, neg, pos_large, neg, 3.0, 5.0, r, "steps").result[0]
+        return run(g)
+
+    assert torch.equal(stitched(1.0), plain(small, pos_small, 3.0))
+    assert torch.equal(stitched(0.0), plain(base, pos_large, 5.0))
+    assert not torch.equal(stitched(0.5), plain(base, pos_large, 5.0))
+
+
+def test_stitched_model_in_a_graph_with_ksampler(host):
+    prompt = tiny_arch_nodes("sd15", "a_")
+    prompt["small"] = {"class_type": "TLTest_TinyModel", "inputs": {"arch": "sd15", "seed": 5}}
+    prompt["stitch"] = {
+        "class_type": "TL_TStitchModel",
+        "inputs": {
+            "small_model": ["small", 0],
+            "large_model": ["a_model", 0],
+            "small_fraction": 0.4,
+            "switch_by": "steps",
+        },
+    }
+    prompt["a_sample"]["inputs"]["model"] = ["stitch", 0]  # fmt: skip
+    first, second = host.run(prompt), host.run(prompt)
+    assert torch.equal(first["a_sample"][0]["samples"], second["a_sample"][0]["samples"])
+
+
+def test_clear_errors():
+    sd15, sdxl, sd3 = (tiny_models.build_tiny_model(a) for a in ("sd15", "sdxl", "sd3"))
+    with pytest.raises(ValueError, match="small_model: latent format SD3 .16 channels. differs"):
+        ts.TStitchModel.execute(sd3, sd15, 0.4, "steps")
+    with pytest.raises(ValueError, match="small_model: latent format SD15 .* large_model's SDXL"):
+        ts.TStitchModel.execute(sd15, sdxl, 0.4, "steps")
+    eps, flow = tiny_models.build_gmm_model("eps"), tiny_models.build_gmm_model("flow")
+    with pytest.raises(ValueError, match="small_model: a flow .CONST. model cannot be stitched"):
+        ts.TStitchModel.execute(flow, eps, 0.4, "steps")
+    with pytest.raises(ValueError, match="model_4 is connected but model_3 is not"):
+        ts.TStitchChain.execute(sd15, sd15, 0.2, "steps", model_4=sd15)
+    with pytest.raises(ValueError, match="must not decrease"):
+        ts.TStitchChain.execute(sd15, sd15, 0.6, "steps", model_3=sd15, switch_2=0.3)
