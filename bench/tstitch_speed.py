@@ -1,0 +1,132 @@
+"""T-Stitch speed: wall time of a stitched run vs large-only, against the ideal 1 - r (1 - c_small / c_large).
+
+Usage: .venv/bin/python bench/tstitch_speed.py [--device cpu|cuda] [--out docs/TSTITCH_SPEED.md] [--repeats N]
+
+cpu: two SD1.5-family UNets in one latent space at 32x32 latents, model_channels 128 (large) and 32 (small).
+cuda: an SDXL-size UNet and an SSD-1B-size UNet at 1024² (fp16, random weights; ComfyUI's own configs).
+All runs: euler, 10 steps, cfg 5, batch 2, same noise; median of repeats after a warm-up, variants interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pag_speed import FULL_SIZE, build_full_size, random_conditioning, start_comfyui  # noqa: E402
+
+STEPS, CFG, BATCH, RATIO = 10, 5.0, 2, 0.4
+# fmt: off
+_CPU_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "in_channels": 4, "adm_in_channels": None, "num_res_blocks": [1, 1, 1],
+             "transformer_depth": [1, 1, 1, 1, 1, 1], "channel_mult": [1, 2, 4], "transformer_depth_middle": 1,
+             "use_linear_in_transformer": False, "context_dim": 64, "num_head_channels": 32,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1], "use_temporal_attention": False,
+             "use_temporal_resblock": False}
+_SSD1B = {**FULL_SIZE["SDXL 1024²"][2], "transformer_depth": [0, 0, 2, 2, 4, 4], "transformer_depth_middle": -1,
+          "transformer_depth_output": [0, 0, 0, 1, 1, 2, 10, 4, 4]}
+# fmt: on
+
+
+def cpu_pair():
+    import tiny_models
+
+    def build(channels, seed):
+        import comfy.supported_models
+
+        config = comfy.supported_models.SD15({**_CPU_UNET, "model_channels": channels})
+        config.unet_config.update({**_CPU_UNET, "model_channels": channels})
+        config.set_inference_dtype(torch.float32, None)
+        with torch.inference_mode(False), torch.no_grad():
+            model = config.get_model({})
+            tiny_models.fill_seeded_(model.diffusion_model, seed)
+        return tiny_models._new_patcher(model)
+
+    cond = random_conditioning(1, 8, 64, None)
+    return "SD1.5-family UNets 32x32 latent (model_channels 128 vs 32)", build(128, 0), build(32, 1), cond, (4, 32, 32)
+
+
+def cuda_pair():
+    cls, dtype, sdxl, latent, tokens, width, pooled = FULL_SIZE["SDXL 1024²"]
+    large, small = build_full_size(cls, dtype, sdxl), build_full_size("SSD1B", dtype, _SSD1B)
+    cond = random_conditioning(1, tokens, width, pooled)
+    return "SDXL-size vs SSD-1B-size UNet, 1024², fp16", large, small, cond, latent
+
+
+def timed(model, cond, latent, sync) -> float:
+    import comfy.sample
+
+    negative = [[torch.zeros_like(cond[0][0]), {k: torch.zeros_like(v) for k, v in cond[0][1].items()}]]
+    shape = (BATCH, *latent)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sync()
+    start = time.perf_counter()
+    comfy.sample.sample(model, noise, STEPS, CFG, "euler", "normal", cond, negative, torch.zeros(shape), seed=0,
+                        disable_pbar=True)  # fmt: skip
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs/TSTITCH_SPEED.md")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    start_comfyui(args.device)
+    from harness import pack
+
+    stitching = pack("nodes.trajectory_stitching")
+    title, large, small, cond, latent = cpu_pair() if args.device == "cpu" else cuda_pair()
+    stitched = stitching.TStitchModel.execute(small, large, RATIO, "steps").result[0]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    variants = {"large only": large, "small only": small, f"T-Stitch r={RATIO}": stitched}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for repeat in range(args.repeats + 1):
+        for key, model in variants.items():
+            t = timed(model, cond, latent, sync)
+            if repeat:  # the first round warms up
+                times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    c = med["small only"] / med["large only"]
+    ideal = 1 - RATIO * (1 - c)
+    measured = med[f"T-Stitch r={RATIO}"] / med["large only"]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    import comfyui_version
+
+    lines = [
+        "# T-Stitch speed", "",
+        f"{title}; euler {STEPS} steps, cfg {CFG}, batch {BATCH}; median of {args.repeats} after a warm-up.",
+        f"Device: {device}; torch {torch.__version__}; ComfyUI {comfyui_version.__version__}; "
+        f"{datetime.date.today().isoformat()}. Command: `python bench/tstitch_speed.py --device {args.device}`.", "",
+        "| variant | s per image batch | x large-only |", "|---|--:|--:|",
+        *[f"| {k} | {v:.3f} | {v / med['large only']:.3f} |" for k, v in med.items()], "",
+        f"c_small / c_large = {c:.3f}; ideal stitched ratio 1 - r (1 - c) = {ideal:.3f}; measured {measured:.3f} "
+        f"({100 * (measured / ideal - 1):+.1f}% vs ideal; target within 5%).", "",
+    ]  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, args.out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
