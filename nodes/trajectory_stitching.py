@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import comfy.model_management
 import comfy.model_patcher
@@ -39,7 +40,7 @@ class StageConditioning:
 
 @dataclass
 class StageRun:
-    model: object
+    model: Any  # ModelPatcher
     conds: dict
     model_options: dict
     cfg: float | None
