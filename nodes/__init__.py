@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
 from .perturbed_attention import PerturbedAttention
 from .trajectory_stitching import TStitchChain, TStitchGuider, TStitchModel
 
 # Every node class of the pack, in menu order. Node IDs are stored in saved workflows: never rename one.
-NODES: list[type[io.ComfyNode]] = [PerturbedAttention, TStitchModel, TStitchGuider, TStitchChain]
+NODES: list[type[io.ComfyNode]] = [
+    PerturbedAttention,
+    TStitchModel,
+    TStitchGuider,
+    TStitchChain,
+    FlowTurboSampler,
+    TrainVelocityRefiner,
+    LoadVelocityRefiner,
+]
 
 
 class TrajectoryLabExtension(ComfyExtension):

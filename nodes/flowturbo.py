@@ -1,0 +1,331 @@
+"""FlowTurbo nodes: the H/P/R sampler, velocity-refiner distillation, and refiner loading.
+
+Refiners are safetensors files in models/velocity_refiners/ with metadata naming the base model they were
+distilled from; a refiner is refused for any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import safetensors.torch
+import torch
+from comfy_api.latest import io
+
+from ..samplers.conventions import ode_derivative
+from ..samplers.flowturbo import REFINER_UPDATES, make_plan, sample_flowturbo
+from ..samplers.velocity_refiner import TrainingConfig, VelocityRefinerNet, new_refiner, train_velocity_refiner
+
+FOLDER = "velocity_refiners"
+FORMAT = "trajectory_lab.velocity_refiner/1"
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+
+VelocityRefinerType = io.Custom("TL_VELOCITY_REFINER")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class BaseModelInfo:
+    """What a refiner must match: the model config, latent channels and the noise parametrisation."""
+
+    model_config: str
+    latent_channels: int
+    flow: bool
+
+    @classmethod
+    def of(cls, base_model) -> BaseModelInfo:
+        flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
+        return cls(type(base_model.model_config).__name__, base_model.latent_format.latent_channels, flow)
+
+    def describe(self) -> str:
+        return f"{self.model_config} ({self.latent_channels}-channel {'flow' if self.flow else 'EPS/VE'} latents)"
+
+
+@dataclass
+class VelocityRefiner:
+    net: VelocityRefinerNet  # the EMA weights, used for sampling
+    base: BaseModelInfo
+    metadata: dict = field(default_factory=dict)
+    _compiled: object = None
+
+    def check_model(self, base_model) -> None:
+        info = BaseModelInfo.of(base_model)
+        if info != self.base:
+            raise ValueError(f"refiner: trained for {self.base.describe()}, but the sampled model is {info.describe()}")
+
+    def function(self, compile_: bool):
+        fn = self.net
+        if compile_:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.net)
+            fn = self._compiled
+
+        def refine(x, sigma, v):
+            with torch.no_grad():
+                return fn(x, sigma, v).to(v.dtype)
+
+        return refine
+
+
+def refiner_path(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"name: {name!r} must be 1-100 letters, digits, '_', '-' or '.' (no folders)")
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    return os.path.join(folder, name if name.endswith(".safetensors") else name + ".safetensors")
+
+
+def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iteration: int) -> None:
+    """Both weight sets (training resumes from net; sampling uses ema), written to a temporary file first."""
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()}
+    metadata = {
+        "format": FORMAT, "model_config": base.model_config, "latent_channels": str(base.latent_channels),
+        "flow": str(base.flow), "latent_shape": json.dumps(list(latent_shape)), "hidden": str(net.hidden),
+        "iteration": str(iteration),
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_refiner_file(path: str) -> tuple[VelocityRefinerNet, VelocityRefinerNet, BaseModelInfo, dict]:
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"refiner_name: {os.path.basename(path)} is not a Trajectory Lab velocity refiner")
+    base = BaseModelInfo(metadata["model_config"], int(metadata["latent_channels"]), metadata["flow"] == "True")
+    tensors = safetensors.torch.load_file(path)
+    net, ema = new_refiner(base.latent_channels, base.flow, int(metadata["hidden"]))
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    return net, ema, base, metadata
+
+
+def _base_model(model_k):
+    """The BaseModel under the k-diffusion wrapper KSAMPLER passes to sampler functions."""
+    return model_k.inner_model.inner_model
+
+
+def flowturbo_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, heun_steps=1, refine_steps=0,
+                         refiner=None, refiner_update="consistent", compile_refiner=False):  # fmt: skip
+    plan = make_plan(len(sigmas) - 1, heun_steps, refine_steps)
+    refine = None
+    if plan.refine:
+        if refiner is None:
+            raise ValueError(f"refiner: refine_steps = {refine_steps} needs a refiner (TL_LoadVelocityRefiner)")
+        refiner.check_model(_base_model(model))
+        refine = refiner.function(compile_refiner)
+    kwargs = extra_args or {}
+
+    def on_step(i, x_i, denoised):
+        comfy.model_management.throw_exception_if_processing_interrupted()  # R steps call no model
+        if callback is not None:
+            callback({"x": x_i, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+    return sample_flowturbo(lambda x_, s: model(x_, s, **kwargs), x, sigmas, plan, refine, refiner_update, on_step)
+
+
+class FlowTurboSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TL_FlowTurboSampler",
+            display_name="FlowTurbo Sampler (Trajectory Lab)",
+            category="trajectory_lab/sampling",
+            description="FlowTurbo (Zhao et al. 2024): heun_steps Heun steps, then pseudo-corrector steps (one "
+            "model call each, reusing the cached velocity), then refine_steps velocity-refiner steps (no model "
+            "call). The remaining steps of SIGMAS are pseudo-corrector steps. Flow and EPS models.",
+            inputs=[
+                io.Int.Input("heun_steps", default=1, min=0, max=1000, tooltip="Leading Heun steps (2 calls each)."),
+                io.Int.Input(
+                    "refine_steps",
+                    default=0,
+                    min=0,
+                    max=1000,
+                    tooltip="Trailing refiner steps (no model call); needs a refiner.",
+                ),
+                VelocityRefinerType.Input("refiner", optional=True),
+                io.Combo.Input(
+                    "refiner_update",
+                    options=list(REFINER_UPDATES),
+                    default="consistent",
+                    optional=True,
+                    tooltip="consistent: second order (an exact refiner gives Heun). released: the "
+                    "official code's update, first order; for comparison.",
+                ),
+                io.Boolean.Input(
+                    "compile_refiner",
+                    default=False,
+                    optional=True,
+                    tooltip="torch.compile the refiner (worth it on GPUs; slow to start on CPU).",
+                ),
+            ],  # fmt: skip
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, heun_steps, refine_steps, refiner=None, refiner_update="consistent", compile_refiner=False):
+        if refine_steps and refiner is None:
+            raise ValueError(f"refiner: refine_steps = {refine_steps} needs a refiner (connect TL_LoadVelocityRefiner)")
+        options = {"heun_steps": heun_steps, "refine_steps": refine_steps, "refiner": refiner,
+                   "refiner_update": refiner_update, "compile_refiner": compile_refiner}  # fmt: skip
+        return io.NodeOutput(comfy.samplers.KSAMPLER(flowturbo_sampler_fn, extra_options=options))
+
+
+class TrainVelocityRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TL_TrainVelocityRefiner",
+            display_name="Train Velocity Refiner (Trajectory Lab)",
+            category="trajectory_lab/sampling",
+            description="Distils a FlowTurbo velocity refiner from MODEL with samples the model generates itself "
+            "(no dataset). Saves models/velocity_refiners/<name>.safetensors; running again with the same name "
+            "resumes up to `iterations`. Cancel keeps the progress.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent", tooltip="Sets the latent shape; its batch is ignored."),
+                io.Int.Input("iterations", default=2000, min=1, max=10_000_000),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.String.Input("name", default="velocity_refiner"),
+                io.Float.Input(
+                    "cfg",
+                    default=4.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    optional=True,
+                    tooltip="The CFG scale the refiner will be used with.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=20,
+                    min=2,
+                    max=1000,
+                    optional=True,
+                    tooltip="Euler steps used to generate the training samples.",
+                ),
+                io.Int.Input(
+                    "samples",
+                    default=64,
+                    min=1,
+                    max=100_000,
+                    optional=True,
+                    tooltip="How many samples the model generates for training.",
+                ),
+                io.Int.Input("batch_size", default=8, min=1, max=4096, optional=True),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, optional=True),
+                io.Float.Input("ema_decay", default=0.999, min=0.0, max=0.99999, step=0.0001, optional=True),
+                io.Int.Input("hidden", default=64, min=8, max=1024, optional=True),
+                io.Boolean.Input(
+                    "resume",
+                    default=True,
+                    optional=True,
+                    tooltip="Continue from models/velocity_refiners/<name>.safetensors if it exists.",
+                ),
+            ],  # fmt: skip
+            outputs=[VelocityRefinerType.Output()],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, iterations, seed, name, cfg=4.0, steps=20, samples=64,
+                batch_size=8, learning_rate=1e-4, ema_decay=0.999, hidden=64, resume=True):  # fmt: skip
+        path = refiner_path(name)
+        shape = tuple(latent["samples"].shape[1:])
+        config = TrainingConfig(iterations, batch_size, learning_rate, ema_decay)
+        result: dict = {}
+
+        def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            base_model = _base_model(model_k)
+            info = BaseModelInfo.of(base_model)
+            kwargs = extra_args or {}
+
+            def velocity(x_, sigma):
+                return ode_derivative(x_, model_k(x_, sigma, **kwargs), sigma)
+
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                data = generate(velocity, sigmas, (samples, *shape), generator, x.device, x.dtype)
+            start = 0
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+                if resume and os.path.exists(path):
+                    net, ema, saved, metadata = load_refiner_file(path)
+                    if saved != info:
+                        raise ValueError(f"name: {name} holds a refiner for {saved.describe()}, not for "
+                                         f"{info.describe()}; pick another name or set resume off")  # fmt: skip
+                    start = int(metadata["iteration"])
+                else:
+                    net, ema = new_refiner(info.latent_channels, info.flow, hidden)
+            progress = comfy.utils.ProgressBar(iterations)
+            progress.update_absolute(min(start, iterations))
+
+            reached = {"iteration": start}
+
+            def on_iteration(i, loss):
+                reached["iteration"] = i  # completed iterations: what a Cancel right after keeps
+                progress.update_absolute(i)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    net, ema = net.to(x.device), ema.to(x.device)
+                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration)
+            finally:  # Cancel or error: keep what was learned, resumable from the last completed iteration
+                save_refiner(path, net.cpu(), ema.cpu(), info, shape, reached["iteration"])
+            result["refiner"] = VelocityRefiner(ema.eval(), info, {"iteration": reached["iteration"], "path": path})
+            return x
+
+        noise = torch.zeros(latent["samples"].shape)  # the sampler generates its own noise
+        model_sampling = model.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).cpu()
+        sampler = comfy.samplers.KSAMPLER(train)
+        comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent["samples"] * 0,
+                                   disable_pbar=True, seed=seed)  # fmt: skip
+        return io.NodeOutput(result["refiner"])
+
+
+def generate(velocity, sigmas, shape, generator, device, dtype):
+    """Model samples by Euler from noise over `sigmas` (the model's own data for distillation)."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype) * sigmas[0]
+    ones = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i] * ones)
+    return x
+
+
+class LoadVelocityRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TL_LoadVelocityRefiner",
+            display_name="Load Velocity Refiner (Trajectory Lab)",
+            category="trajectory_lab/sampling",
+            inputs=[io.Combo.Input("refiner_name", options=folder_paths.get_filename_list(FOLDER))],
+            outputs=[VelocityRefinerType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, refiner_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, refiner_name)
+        _, ema, base, metadata = load_refiner_file(path)
+        return io.NodeOutput(VelocityRefiner(ema.eval(), base, {**metadata, "path": path}))

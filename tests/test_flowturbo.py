@@ -1,0 +1,260 @@
+"""FlowTurbo: the plan's accuracy on the exact GMM flow, refiners (oracle, trained) and the nodes in the host."""
+
+import sys
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from gmm_exact import GaussianMixture, flow_alpha
+from harness import pack
+from test_steppers import reference_ode
+
+ft = pack("samplers.flowturbo")
+
+GMM = GaussianMixture(means=[[-2.0], [0.5], [2.5]], weights=[0.3, 0.2, 0.5], stds=[0.4, 0.3, 0.5])
+
+
+def denoise(x, sigma):
+    return GMM.denoise(x, sigma, flow_alpha)
+
+
+def exact_velocity(x, sigma):
+    return (x - denoise(x, sigma)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def oracle_refiner(x, sigma, v):
+    return exact_velocity(x, sigma) - v
+
+
+def schedule(n, shift=1.0):
+    """A flow schedule from 0.97 to 0 (shift > 1: SD3-style time shift, more steps at high noise)."""
+    t = torch.linspace(0.97, 0.0, n + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+X_START = torch.linspace(-3, 3, 16, dtype=torch.float64)[:, None] * 0.97
+
+
+def counted():
+    calls = [0]
+
+    def d(x, s):
+        calls[0] += 1
+        return denoise(x, s)
+
+    return d, calls
+
+
+def solve(plan_fn, n, refiner=None, update="consistent", shift=1.0):
+    sigmas = schedule(n, shift)
+    d, calls = counted()
+    out = ft.sample_flowturbo(d, X_START, sigmas, plan_fn(n), refiner, update)
+    # The reference stops at the last nonzero sigma; the final Euler step to 0 then maps it exactly like ours.
+    return out, calls[0], sigmas
+
+
+def errors(plan_fn, ns, refiner=None, update="consistent", shift=1.0):
+    errs = []
+    for n in ns:
+        sigmas = schedule(n, shift)
+        out = ft.sample_flowturbo(denoise, X_START, sigmas, plan_fn(n), refiner, update)
+        ref = reference_ode(X_START, sigmas[:-1], flow_alpha)
+        # Exact last step: from the reference at sigma_{N-1} with a fresh-velocity Euler step, as the plan does.
+        s = sigmas[-2].reshape(1)
+        ref_final = ref - s * exact_velocity(ref, s.expand(ref.shape[0]))
+        errs.append((out - ref_final).abs().max().item())
+    return errs
+
+
+def slope(ns, errs):
+    return -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+
+
+NS = [16, 32, 64, 128]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_orders_heun_two_pseudo_corrector_two(shift):
+    heun = errors(lambda n: ft.make_plan(n, n, 0), NS, shift=shift)
+    pseudo = errors(lambda n: ft.make_plan(n, 1, 0), NS, shift=shift)
+    assert 1.8 < slope(NS, heun) < 2.3, heun
+    assert 1.7 < slope(NS, pseudo) < 2.3, pseudo
+
+
+def test_pseudo_corrector_beats_heun_at_equal_model_calls():
+    # Heun with n steps costs 2n - 1 calls; H1 P(m-1) costs m + 1 (Heun 2, each P 1, the final Euler 1 instead).
+    for n in (8, 16, 32):
+        heun, heun_calls, _ = solve(lambda k: ft.make_plan(k, k, 0), n)
+        m = 2 * n - 2
+        pseudo, pseudo_calls, _ = solve(lambda k: ft.make_plan(k, 1, 0), m)
+        assert heun_calls == pseudo_calls == 2 * n - 1
+        ref = reference_ode(X_START, schedule(4 * n)[:-1], flow_alpha)
+        s = schedule(4 * n)[-2].reshape(1)
+        exact = ref - s * exact_velocity(ref, s.expand(ref.shape[0]))
+        assert (pseudo - exact).abs().max() < (heun - exact).abs().max()
+
+
+def test_oracle_refiner_reproduces_heun_and_the_released_update_loses_an_order():
+    n = 24
+    heun, _, _ = solve(lambda k: ft.make_plan(k, k, 0), n)
+    refined, calls, _ = solve(lambda k: ft.make_plan(k, 1, k - 1), n, oracle_refiner)
+    assert calls == 2  # one Heun step; the refiner steps call no model
+    torch.testing.assert_close(refined, heun, rtol=1e-10, atol=1e-10)
+    consistent = errors(lambda k: ft.make_plan(k, 1, k - 1), NS, oracle_refiner)
+    released = errors(lambda k: ft.make_plan(k, 1, k - 1), NS, oracle_refiner, "released")
+    assert 1.8 < slope(NS, consistent) < 2.3 and 0.7 < slope(NS, released) < 1.3, (consistent, released)
+
+
+@pytest.mark.parametrize("heun,refine", [(3, 0), (2, 3), (0, 0), (5, 5)])
+def test_model_calls_per_plan_are_exact(heun, refine):
+    n = 10
+    _, calls, _ = solve(lambda k: ft.make_plan(k, heun, refine), n, oracle_refiner)
+    plan = ft.make_plan(n, heun, refine)
+    # H: 2, P: 1 (the very first step, lacking a cache, evaluates d0 fresh: +1), R: 0; the final step is Euler.
+    expected = 2 * heun + plan.pseudo + (1 if heun == 0 and plan.pseudo else 0)
+    last = plan.kind(n - 1)
+    expected += {"H": -1, "P": 0, "R": 0}[last]
+    assert calls == expected
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="exceed the 10 steps"):
+        ft.make_plan(10, 6, 5)
+    with pytest.raises(ValueError, match="needs a refiner"):
+        ft.sample_flowturbo(denoise, X_START, schedule(4), ft.make_plan(4, 1, 2))
+
+
+# ---------------------------------------------------------------- the nodes in the real host
+
+ftn = pack("nodes.flowturbo")
+
+
+def train(model, cond, shape, name, **overrides):
+    settings = dict(cfg=1.0, steps=20, samples=64, batch_size=8, learning_rate=1e-3, ema_decay=0.9, hidden=16,
+                    resume=True)  # fmt: skip
+    settings.update(overrides)
+    iterations = settings.pop("iterations", 5)
+    latent = {"samples": torch.zeros(shape)}
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        return ftn.TrainVelocityRefiner.execute(model, cond, cond, latent, iterations, 0, name, **settings).result[0]
+
+
+def sample_with(model, sampler, steps, cond, latent, seed=5, cfg=1.0):
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, cond, cond, latent, seed=0, disable_pbar=True)
+
+
+def flowturbo(heun, refine, refiner=None, update="consistent"):
+    return ftn.FlowTurboSampler.execute(heun, refine, refiner, update).result[0]
+
+
+def test_refiner_trained_by_the_node_beats_the_pseudo_corrector_at_equal_calls():
+    """1-D two-mode GMM flow model; refiner distilled by TL_TrainVelocityRefiner from 2000 model samples (800
+    iterations). H1P3R4 (8 steps) and H1P3 (4 steps) both cost 5 model calls; error = mean |x - x_ref| over 512
+    samples against Heun with 200 steps from the same noise."""
+    model = tiny_models.build_gmm_model("flow", "two_modes_1d")
+    cond = tiny_models.gmm_conditioning([0, 0])
+    shape = tiny_models.gmm_latent_shape("two_modes_1d", 1)
+    refiner = train(model, cond, shape, "gmm_refiner", iterations=800, samples=2000, batch_size=256,
+                    learning_rate=1e-2, hidden=64, resume=False)  # fmt: skip
+    latent = torch.zeros(tiny_models.gmm_latent_shape("two_modes_1d", 512))
+    reference = sample_with(model, comfy.samplers.sampler_object("heun"), 200, cond, latent)
+    refined = (sample_with(model, flowturbo(1, 4, refiner), 8, cond, latent) - reference).abs().mean()
+    plain = (sample_with(model, flowturbo(1, 0), 4, cond, latent) - reference).abs().mean()
+    assert refined < 0.8 * plain, (refined, plain)
+
+
+def test_training_resumes_and_cancel_keeps_progress(monkeypatch):
+    model = tiny_models.build_tiny_model("flux")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    shape = tiny_models.latent_shape("flux")
+    train(model, cond, shape, "resume_me", iterations=3, samples=2, steps=2, resume=False)
+    refiner = train(model, cond, shape, "resume_me", iterations=5, samples=2, steps=2)
+    assert refiner.metadata["iteration"] == 5
+    calls = {"n": 0}
+    original = comfy.model_management.throw_exception_if_processing_interrupted
+
+    def cancel_after_two():  # Cancel pressed during the second training iteration
+        if sys._getframe(1).f_code.co_name == "on_iteration":
+            calls["n"] += 1
+        if calls["n"] == 2:
+            raise comfy.model_management.InterruptProcessingException()
+        original()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", cancel_after_two)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(model, cond, shape, "resume_me", iterations=50, samples=2, steps=2)
+    monkeypatch.undo()
+    _, _, _, metadata = ftn.load_refiner_file(ftn.refiner_path("resume_me"))
+    assert metadata["iteration"] == "7"  # 5 before, then 2 more before Cancel: saved, resumable
+    with pytest.raises(ValueError, match="holds a refiner for Flux"):
+        train(tiny_models.build_tiny_model("sd3"), tiny_models.tiny_conditioning("sd3", 1),
+              tiny_models.latent_shape("sd3"), "resume_me")  # fmt: skip
+    with pytest.raises(ValueError, match="name: '../x' must be"):
+        train(model, cond, shape, "../x")
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux", "wan21"])
+def test_train_save_load_sample_end_to_end(host, arch):
+    """Through ComfyUI's graph: train a few iterations, then load the saved file by name and sample with it."""
+    name = f"e2e_{arch}"
+    prompt = {
+        "model": {"class_type": "TLTest_TinyModel", "inputs": {"arch": arch, "seed": 0}},
+        "pos": {"class_type": "TLTest_TinyConditioning", "inputs": {"arch": arch, "seed": 1, "batch": 1}},
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
+        "latent": {"class_type": "TLTest_TinyLatent", "inputs": {"arch": arch, "batch": 1}},
+        "train": {"class_type": "TL_TrainVelocityRefiner", "inputs": {
+            "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent": ["latent", 0],
+            "iterations": 3, "seed": 0, "name": name, "samples": 2, "steps": 2, "hidden": 8, "resume": False}},
+        "sampler": {"class_type": "TL_FlowTurboSampler", "inputs": {"heun_steps": 1, "refine_steps": 3,
+                                                                    "refiner": ["train", 0]}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "simple",
+                                                              "steps": 6, "denoise": 1.0}},
+        "sample": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["model", 0], "add_noise": True, "noise_seed": 0, "cfg": 2.0, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+    }  # fmt: skip
+    out = host.run(prompt)["sample"][0]["samples"]
+    assert tuple(out.shape) == tiny_models.latent_shape(arch) and torch.isfinite(out).all()
+    loaded = ftn.LoadVelocityRefiner.execute(f"{name}.safetensors").result[0]
+    assert loaded.base.model_config == type(tiny_models.build_tiny_model(arch).model.model_config).__name__
+    model = tiny_models.build_tiny_model(arch)
+    cond = tiny_models.tiny_conditioning(arch, 1)
+    latent = torch.zeros(tiny_models.latent_shape(arch))
+    a = sample_with(model, flowturbo(1, 3, loaded), 6, cond, latent)
+    assert torch.equal(a, sample_with(model, flowturbo(1, 3, loaded), 6, cond, latent))  # deterministic
+    other = "sd3" if arch != "sd3" else "flux"
+    with pytest.raises(ValueError, match="refiner: trained for"):
+        sample_with(tiny_models.build_tiny_model(other), flowturbo(1, 3, loaded), 6,
+                    tiny_models.tiny_conditioning(other, 1), torch.zeros(tiny_models.latent_shape(other)))  # fmt: skip
+
+
+def test_node_model_calls_and_eps_models():
+    """Calls per plan through ComfyUI (H2P5R3: 2+2+5+0, final step R: Euler on the refined velocity), and the
+    VE velocity on an EPS model: the GMM EPS model with H1P(n-1) lands close to Heun with many steps."""
+    model = tiny_models.build_gmm_model("flow", "two_modes_1d")
+    cond = tiny_models.gmm_conditioning([0, 0])
+    latent = torch.zeros(tiny_models.gmm_latent_shape("two_modes_1d", 64))
+    zero_refiner = ftn.VelocityRefiner(ftn.new_refiner(1, True, 8)[1], ftn.BaseModelInfo.of(model.model))
+    calls = []
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(lambda apply, args: calls.append(1) or apply(args["input"],
+                                            args["timestep"], **args["c"]))  # fmt: skip
+    sample_with(counted, flowturbo(2, 3, zero_refiner), 10, cond, latent)
+    assert len(calls) == 2 * 2 + 5
+    eps = tiny_models.build_gmm_model("eps", "two_modes_1d")
+    reference = sample_with(eps, comfy.samplers.sampler_object("heun"), 200, cond, latent)
+    pseudo = sample_with(eps, flowturbo(1, 0), 30, cond, latent)
+    euler = sample_with(eps, comfy.samplers.sampler_object("euler"), 30, cond, latent)
+    assert (pseudo - reference).abs().mean() < 0.5 * (euler - reference).abs().mean()
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="refiner: refine_steps = 2 needs a refiner"):
+        flowturbo(1, 2)
