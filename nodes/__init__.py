@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .diffusehigh import DiffuseHigh
 from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
 from .perturbed_attention import PerturbedAttention
 from .trajectory_stitching import TStitchChain, TStitchGuider, TStitchModel
+from .vendi import NODES as VENDI_NODES
 
 # Every node class of the pack, in menu order. Node IDs are stored in saved workflows: never rename one.
 NODES: list[type[io.ComfyNode]] = [
@@ -17,6 +19,8 @@ NODES: list[type[io.ComfyNode]] = [
     FlowTurboSampler,
     TrainVelocityRefiner,
     LoadVelocityRefiner,
+    *VENDI_NODES,
+    DiffuseHigh,
 ]
 
 

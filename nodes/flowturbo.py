@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import comfy.model_management
 import comfy.model_sampling
@@ -57,7 +58,7 @@ class VelocityRefiner:
     net: VelocityRefinerNet  # the EMA weights, used for sampling
     base: BaseModelInfo
     metadata: dict = field(default_factory=dict)
-    _compiled: object = None
+    _compiled: Any = None
 
     def check_model(self, base_model) -> None:
         info = BaseModelInfo.of(base_model)
@@ -65,7 +66,7 @@ class VelocityRefiner:
             raise ValueError(f"refiner: trained for {self.base.describe()}, but the sampled model is {info.describe()}")
 
     def function(self, compile_: bool):
-        fn = self.net
+        fn: Any = self.net
         if compile_:
             if self._compiled is None:
                 self._compiled = torch.compile(self.net)
