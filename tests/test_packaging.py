@@ -12,7 +12,10 @@ from harness import PACK_FOLDER, in_process_host
 
 PYPROJECT = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
-HOST_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "nodes", "folder_paths", "server", "execution"}
+HOST_MODULES = {
+    "comfy", "comfy_extras", "comfy_api", "comfy_execution", "nodes", "folder_paths", "server", "execution",
+    "latent_preview", "node_helpers",
+}  # fmt: skip
 
 
 def absolute_imports(source: str) -> list[str]:
