@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .conventions import Denoiser, append_dims, flow_to_ve, ode_derivative, ve_to_flow
+from .conventions import Denoiser, append_dims, ode_derivative
 
 NoiseFn = Callable[[Tensor], Tensor]  # noise_fn(x) -> i.i.d. standard normal noise shaped like x
 
@@ -42,11 +42,11 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple
     """Split a VE step sigma -> sigma_next into a deterministic move to sigma_down and fresh noise sigma_up.
 
     sigma_down^2 + sigma_up^2 = sigma_next^2, so the marginal at sigma_next is exact; eta = 1 is DDPM-like
-    ancestral sampling, eta = 0 the ODE.
+    ancestral sampling, eta = 0 the ODE. sigma may be infinite (a flow model's sigma = 1 in VE form).
     """
     if sigma_next == 0 or eta == 0:
         return sigma_next, 0.0
-    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1.0 - (sigma_next / sigma) ** 2))
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
@@ -59,20 +59,25 @@ def euler_ancestral_step(
     eta: float = 1.0,
     flow: bool = False,
 ) -> Tensor:
-    """Euler-ancestral step with fresh i.i.d. noise; `flow` steps a CONST (rectified-flow) sample."""
+    """Euler-ancestral step with fresh i.i.d. noise; `flow` steps a CONST (rectified-flow) sample.
+
+    Written as x_next = alpha_next (D + sigma_down eps_hat + sigma_up z) in VE terms, with eps_hat the predicted
+    noise, so a flow step from sigma = 1 (pure noise, infinite VE sigma) stays finite.
+    """
     s, s_next = float(sigma), float(sigma_next)
     if flow:
-        if s_next == 0:
-            return denoised
-        x_ve, s_ve = flow_to_ve(x, torch.tensor(s, dtype=x.dtype))
-        s_next_ve = s_next / (1.0 - s_next)
-        x_ve = euler_ancestral_step(x_ve, denoised, float(s_ve), s_next_ve, noise_fn, eta, flow=False)
-        return ve_to_flow(x_ve, torch.tensor(s_next_ve, dtype=x.dtype))[0]
-    sigma_down, sigma_up = ancestral_sigmas(s, s_next, eta)
-    x = x + (sigma_down - s) * ode_derivative(x, denoised, torch.tensor(s, dtype=x.dtype))
+        s_ve = math.inf if s >= 1.0 else s / (1.0 - s)
+        s_next_ve = math.inf if s_next >= 1.0 else s_next / (1.0 - s_next)
+        alpha_next = 1.0 - s_next
+        eps_hat = (x - (1.0 - s) * denoised) / s
+    else:
+        s_ve, s_next_ve, alpha_next = s, s_next, 1.0
+        eps_hat = ode_derivative(x, denoised, torch.tensor(s, dtype=x.dtype))
+    sigma_down, sigma_up = ancestral_sigmas(s_ve, s_next_ve, eta)
+    x_next = denoised + sigma_down * eps_hat
     if sigma_up > 0:
-        x = x + sigma_up * noise_fn(x)
-    return x
+        x_next = x_next + sigma_up * noise_fn(x)
+    return alpha_next * x_next
 
 
 def seeded_noise(seed: int | None) -> NoiseFn:
