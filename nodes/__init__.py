@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .diffusehigh import DiffuseHigh
 from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
+from .multitext_video import MultiTextVideo, PromptSequenceNode
 from .perturbed_attention import PerturbedAttention
 from .trajectory_stitching import TStitchChain, TStitchGuider, TStitchModel
 from .vendi import NODES as VENDI_NODES
@@ -21,6 +22,8 @@ NODES: list[type[io.ComfyNode]] = [
     LoadVelocityRefiner,
     *VENDI_NODES,
     DiffuseHigh,
+    PromptSequenceNode,
+    MultiTextVideo,
 ]
 
 
