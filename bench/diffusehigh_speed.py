@@ -15,7 +15,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CPU machines: threads make small convs ~100x slower
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import platform  # noqa: E402
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pag_speed import (  # noqa: E402
     FULL_SIZE,
+    bench_arguments,
     build_full_size,
     processor_name,
     random_conditioning,
@@ -219,17 +219,9 @@ def markdown(rows: list[dict], device: str, repeats: int, seconds: float) -> str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "DIFFUSEHIGH_SPEED.md")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant after one warm-up")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device cuda needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) "
-              "sees none; run with --device cpu for the tiny models", file=sys.stderr)  # fmt: skip
+    args = bench_arguments(__doc__, "DIFFUSEHIGH_SPEED.md", 5, 5)
+    if args is None:
         return 2
-    if args.device == "cpu":
-        torch.set_num_threads(1)
     started = time.perf_counter()
     rows = bench(args.device, args.repeats)
     write_atomically(args.out, markdown(rows, args.device, args.repeats, time.perf_counter() - started))

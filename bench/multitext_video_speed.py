@@ -17,7 +17,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CPU machines: threads make small convs ~100x slower
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -28,7 +27,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import build_full_size, processor_name, random_conditioning, start_comfyui, write_atomically  # noqa: E402
+from pag_speed import (  # noqa: E402
+    bench_arguments,
+    build_full_size,
+    processor_name,
+    random_conditioning,
+    start_comfyui,
+    write_atomically,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CFG = 20, 5.0
@@ -155,18 +161,10 @@ def markdown(name: str, medians: dict, per_segment: dict, device: str, repeats: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "MULTITEXT_VIDEO_SPEED.md")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (cpu 5, cuda 2)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device cuda needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) "
-              "sees none; run with --device cpu for the tiny models", file=sys.stderr)  # fmt: skip
+    args = bench_arguments(__doc__, "MULTITEXT_VIDEO_SPEED.md", 5, 2)
+    if args is None:
         return 2
-    if args.device == "cpu":
-        torch.set_num_threads(1)
-    repeats = args.repeats or (5 if args.device == "cpu" else 2)
+    repeats = args.repeats
     started = time.perf_counter()
     name, medians, per_segment = bench(args.device, repeats)
     write_atomically(

@@ -227,19 +227,36 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(doc: str, out_name: str, cpu_repeats: int, cuda_repeats: int) -> argparse.Namespace | None:
+    """The benchmarks' shared command line (--device, --out, --repeats); None when CUDA is asked for but absent."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "PAG_SPEED.md")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (cpu 5, cuda 3)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / out_name)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed repeats per variant after a warm-up (cpu {cpu_repeats}, cuda {cuda_repeats})",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device cuda needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) "
-              "sees none; run with --device cpu for the tiny models", file=sys.stderr)  # fmt: skip
-        return 2
+        print(
+            f"error: --device cuda needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            "sees none; run with --device cpu for the tiny models",
+            file=sys.stderr,
+        )
+        return None
     if args.device == "cpu":
         torch.set_num_threads(1)
-    repeats = args.repeats or (5 if args.device == "cpu" else 3)
+    args.repeats = args.repeats or (cpu_repeats if args.device == "cpu" else cuda_repeats)
+    return args  # fmt: skip
+
+
+def main() -> int:
+    args = bench_arguments(__doc__, "PAG_SPEED.md", 5, 3)
+    if args is None:
+        return 2
+    repeats = args.repeats
     started = time.perf_counter()
     rows = bench(args.device, repeats)
     write_atomically(args.out, markdown(rows, args.device, repeats, time.perf_counter() - started))

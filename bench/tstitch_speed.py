@@ -13,19 +13,17 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import FULL_SIZE, build_full_size, random_conditioning, start_comfyui  # noqa: E402
+from pag_speed import FULL_SIZE, bench_arguments, build_full_size, random_conditioning, start_comfyui, write_atomically  # noqa: E402
 
 STEPS, CFG, BATCH, RATIO = 10, 5.0, 2, 0.4
 # fmt: off
@@ -80,13 +78,8 @@ def timed(model, cond, latent, sync) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs/TSTITCH_SPEED.md")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+    args = bench_arguments(__doc__, "TSTITCH_SPEED.md", 5, 3)
+    if args is None:
         return 2
     start_comfyui(args.device)
     from harness import pack
@@ -119,11 +112,7 @@ def main() -> int:
         f"c_small / c_large = {c:.3f}; ideal stitched ratio 1 - r (1 - c) = {ideal:.3f}; measured {measured:.3f} "
         f"({100 * (measured / ideal - 1):+.1f}% vs ideal; target within 5%).", "",
     ]  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, args.out)
+    write_atomically(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
