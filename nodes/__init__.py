@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .diffusehigh import DiffuseHigh
+from .feynman_kac import FKCGuider, FKCSampler
 from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
 from .multitext_video import MultiTextVideo, PromptSequenceNode
 from .perturbed_attention import PerturbedAttention
@@ -20,6 +21,8 @@ NODES: list[type[io.ComfyNode]] = [
     FlowTurboSampler,
     TrainVelocityRefiner,
     LoadVelocityRefiner,
+    FKCGuider,
+    FKCSampler,
     *VENDI_NODES,
     DiffuseHigh,
     PromptSequenceNode,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .steppers import NoiseFn, euler_ancestral_step, euler_step, heun_step, seeded_noise
@@ -32,6 +33,7 @@ def _report(callback: Callback | None, x: Tensor, i: int, sigma: Tensor, denoise
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
 
 
+@torch.no_grad()  # samplers never need gradients through the model (as k-diffusion's)
 def sample_euler(model, x: Tensor, sigmas: Tensor, extra_args=None, callback=None, disable=None) -> Tensor:
     denoise = bind_model(model, x, extra_args)
     for i in range(len(sigmas) - 1):
@@ -41,6 +43,7 @@ def sample_euler(model, x: Tensor, sigmas: Tensor, extra_args=None, callback=Non
     return x
 
 
+@torch.no_grad()
 def sample_heun(model, x: Tensor, sigmas: Tensor, extra_args=None, callback=None, disable=None) -> Tensor:
     denoise = bind_model(model, x, extra_args)
     for i in range(len(sigmas) - 1):
@@ -50,6 +53,7 @@ def sample_heun(model, x: Tensor, sigmas: Tensor, extra_args=None, callback=None
     return x
 
 
+@torch.no_grad()
 def sample_euler_ancestral(
     model,
     x: Tensor,
