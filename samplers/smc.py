@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .conventions import append_dims, snr
-from .steppers import NoiseFn, seeded_noise
+from .steppers import NoiseFn, euler_ancestral_step, seeded_noise
 
 NoiseKind = Literal["target", "tempered"]
 ResampleRule = Literal["every_step", "ess"]
@@ -86,7 +86,7 @@ def target_denoised(pred: ExpertPredictions, x: Tensor, sigma: Tensor, flow: boo
     """D* with (D* − x_ve) / σ_ve² = Σ β_k s_k, in the model's own variable: B D̄ + (1 − B) x / α.
 
     At SNR 0 (flow σ = 1) and B ≠ 1 the second term is infinite; there D̄ is returned and the move tempers its
-    noise instead (see `ancestral_move`).
+    noise instead (see `steppers.euler_ancestral_step`).
     """
     total = float(pred.betas.sum())
     d_mean = mean_denoised(pred)
@@ -180,34 +180,6 @@ def systematic_resample(log_weights: Tensor, uniforms: Tensor) -> Tensor:
     counts = (whole + (scaled - whole > uniforms.to(torch.float64)[:, None])).clamp(0, k)
     positions = torch.arange(k, dtype=torch.float64, device=log_weights.device).expand_as(counts).contiguous()
     return torch.searchsorted(counts.contiguous(), positions, right=True).clamp_max(k - 1)
-
-
-def ancestral_move(
-    x: Tensor,
-    denoised: Tensor,
-    sigma: float,
-    sigma_next: float,
-    noise_fn: NoiseFn,
-    eta: float = 1.0,
-    flow: bool = False,
-    noise_scale: float = 1.0,
-) -> Tensor:
-    """The ancestral step of steppers.euler_ancestral_step, written to stay finite at flow σ = 1.
-
-    In the VE form it is x′ = (σ_down/σ) x + (1 − σ_down/σ) D + σ_up z with σ_up = σ′ u, σ_down = σ′ c,
-    u = min(1, eta √(1 − r²)), c = √(1 − u²). Multiplying by α′ turns it into the flow step
-    x′ = (σ′/σ) c x + α′ (1 − r c) D + σ′ u z, in which only ratios appear. Noise is drawn only when added.
-    """
-    if sigma_next == 0:
-        return denoised
-    ratio = math.sqrt(float(snr_ratio(_scalar(sigma), _scalar(sigma_next), flow)))
-    up = min(1.0, eta * math.sqrt(max(0.0, 1.0 - ratio**2)))
-    down = math.sqrt(1.0 - up**2)
-    alpha_next = 1.0 - sigma_next if flow else 1.0
-    x = (sigma_next / sigma) * down * x + alpha_next * (1.0 - ratio * down) * denoised
-    if up > 0:
-        x = x + (sigma_next * up * noise_scale) * noise_fn(x)
-    return x
 
 
 def annealed_start_scale(total_beta: float) -> float:
@@ -402,7 +374,7 @@ def sample_fkc(
         if float(snr(torch.as_tensor(sigma), flow)) == 0.0 and not is_unit_total(total_beta):
             noise_scale = annealed_start_scale(total_beta)
         eta = move_eta(options.noise, total_beta, options.eta)
-        x = ancestral_move(x, denoised, float(sigma), float(sigma_next), noise_fn, eta, flow, noise_scale)
+        x = euler_ancestral_step(x, denoised, float(sigma), float(sigma_next), noise_fn, eta, flow, noise_scale)
     return FKCResult(x, log_weights, ranking, steps)
 
 

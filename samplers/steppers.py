@@ -58,8 +58,10 @@ def euler_ancestral_step(
     noise_fn: NoiseFn,
     eta: float = 1.0,
     flow: bool = False,
+    noise_scale: float = 1.0,
 ) -> Tensor:
     """Euler-ancestral step with fresh i.i.d. noise; `flow` steps a CONST (rectified-flow) sample.
+    `noise_scale` multiplies the fresh noise (FKC's tempered SDE uses 1 / sqrt(B)).
 
     Written as x_next = alpha_next (D + sigma_down eps_hat + sigma_up z) in VE terms, with eps_hat the predicted
     noise, so a flow step from sigma = 1 (pure noise, infinite VE sigma) stays finite.
@@ -76,7 +78,7 @@ def euler_ancestral_step(
     sigma_down, sigma_up = ancestral_sigmas(s_ve, s_next_ve, eta)
     x_next = denoised + sigma_down * eps_hat
     if sigma_up > 0:
-        x_next = x_next + sigma_up * noise_fn(x)
+        x_next = x_next + (sigma_up * noise_scale) * noise_fn(x)
     return alpha_next * x_next
 
 

@@ -105,23 +105,11 @@ def test_effective_sample_size():
     torch.testing.assert_close(smc.effective_sample_size(log_w), torch.tensor([8.0, 1.0, 2.0, 8.0]))
 
 
-@pytest.mark.parametrize("flow", [False, True])
-@pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_ancestral_move_is_the_shared_euler_ancestral_step(flow, eta):
-    g = torch.Generator().manual_seed(0)
-    x, d = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64)
-    z = torch.randn(4, 2, generator=g, dtype=torch.float64)
-    sigma, sigma_next = (0.8, 0.6) if flow else (3.0, 2.0)
-    ours = smc.ancestral_move(x, d, sigma, sigma_next, lambda _: z, eta, flow)
-    shared = steppers.euler_ancestral_step(x, d, sigma, sigma_next, lambda _: z, eta, flow)
-    torch.testing.assert_close(ours, shared, rtol=1e-12, atol=1e-12)
-
-
 def test_flow_move_from_sigma_one_is_finite_and_exact():
     """From pure noise (flow σ = 1) the ancestral step is x' = (1 − σ') D + σ' z: nothing of x survives."""
     g = torch.Generator().manual_seed(0)
     x, d, z = (torch.randn(4, 2, generator=g, dtype=torch.float64) for _ in range(3))
-    moved = smc.ancestral_move(x, d, 1.0, 0.9, lambda _: z, 1.0, True)
+    moved = steppers.euler_ancestral_step(x, d, 1.0, 0.9, lambda _: z, 1.0, True)
     torch.testing.assert_close(moved, 0.1 * d + 0.9 * z, rtol=1e-12, atol=1e-12)
 
 
