@@ -59,10 +59,6 @@ def _row_sum(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
 
 
-def _scalar(v: float) -> Tensor:
-    return torch.tensor(float(v), dtype=torch.float64)
-
-
 def is_unit_total(total: float) -> bool:
     """B = 1 (CFG, AND-composition): exponents like (1 - 3w) + 3w may miss 1.0 by an ulp."""
     return math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-9)
