@@ -13,8 +13,10 @@ from harness import TEST_NODES_FOLDER, TESTS_DIR, in_process_host  # noqa: E402
 # ComfyUI is started (and made importable) before any test module is collected: tests import `comfy` directly.
 in_process_host()
 
-# The server loads the pack from a folder name with a dot, a dash and a space: relative imports must hold.
-ODD_PACK_FOLDER = "Trajectory-Lab.dev copy"
+# The server loads the pack from a folder name with a dot and a dash: relative imports must hold. (Not a space:
+# ComfyUI 0.3.75 lists web extensions under the URL-quoted name but serves them under the raw one, so a folder
+# name with a space gets its JavaScript 404ed.)
+ODD_PACK_FOLDER = "Trajectory-Lab.v0.dev"
 
 
 @pytest.fixture(scope="session")
