@@ -14,6 +14,7 @@ import tiny_models
 import torch
 from gmm_exact import GaussianMixture
 from harness import pack
+from probes import count_calls
 
 smc = pack("samplers.smc")
 conventions = pack("samplers.conventions")
@@ -420,18 +421,6 @@ def test_product_of_two_prompts_matches_the_closed_form_target(unequal_flow_mode
 
 
 # ---------------------------------------------------------------- nodes: chunking, inpainting, UI, cancel
-
-
-def count_calls(model):
-    calls: list[int] = []
-    m = model.clone()
-
-    def wrapper(executor, x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.count", wrapper)
-    return m, calls
 
 
 def test_chunked_calls_with_an_inpainting_mask_equal_one_call():

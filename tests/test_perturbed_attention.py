@@ -11,6 +11,7 @@ import tiny_models
 import torch
 from comfy_host import PromptError
 from harness import pack
+from probes import count_calls
 from workflows import TINY_ARCHS, tiny_arch_nodes
 
 pag = pack("nodes.perturbed_attention")
@@ -82,19 +83,6 @@ def sample(model, arch, steps=4, cfg=2.0, seed=0, batch=1, positive=None, negati
 
 def with_pag(model, scale=3.0, adaptive=0.0, layers="auto", start=0.0, end=1.0, rescale=0.0, batched=True):
     return pag.apply_perturbed_attention(model, scale, adaptive, layers, start, end, rescale, batched)
-
-
-def count_calls(model):
-    """Record the batch size of every diffusion-model call (an APPLY_MODEL wrapper on a clone)."""
-    calls: list[int] = []
-    m = model.clone()
-
-    def wrapper(executor, x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.count", wrapper)
-    return m, calls
 
 
 def rel_err(a, b):

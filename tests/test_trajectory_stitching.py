@@ -7,6 +7,7 @@ import pytest
 import tiny_models
 import torch
 from harness import pack
+from probes import count_calls
 from workflows import tiny_arch_nodes
 
 ts = pack("nodes.trajectory_stitching")
@@ -44,18 +45,6 @@ def sample(model, arch="sd15", steps=10, cfg=2.0, sampler="euler", scheduler="no
     )
 
 
-def counted(model):
-    calls: list[float] = []
-    m = model.clone()
-
-    def wrapper(executor, x, t, *args, **kwargs):
-        calls.append(float(t.flatten()[0]))
-        return executor(x, t, *args, **kwargs)
-
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.count", wrapper)
-    return m, calls
-
-
 def stitch(small, large, r, switch_by="steps"):
     return ts.TStitchModel.execute(small, large, r, switch_by).result[0]
 
@@ -66,8 +55,8 @@ def stitch(small, large, r, switch_by="steps"):
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.4, 1.0])
 def test_same_model_twice_is_plain_sampling_with_exact_call_counts(r):
     base = tiny_models.build_tiny_model("sd15")
-    small, small_calls = counted(base)
-    large, large_calls = counted(base)
+    small, small_calls = count_calls(base, "sigma")
+    large, large_calls = count_calls(base, "sigma")
     assert torch.equal(sample(stitch(small, large, r)), sample(base))
     n_small = int(r * 10 + 1e-9)
     assert (len(small_calls), len(large_calls)) == (n_small, 10 - n_small)
@@ -89,8 +78,8 @@ def test_r_zero_is_large_only_and_r_one_small_only():
 
 def test_sigma_switch_routes_by_the_large_models_noise_level():
     base = tiny_models.build_tiny_model("sd15")
-    small, small_calls = counted(base)
-    large, large_calls = counted(base)
+    small, small_calls = count_calls(base, "sigma")
+    large, large_calls = count_calls(base, "sigma")
     r = 0.3
     threshold = base.get_model_object("model_sampling").percent_to_sigma(r)
     sample(stitch(small, large, r, "sigma"), steps=12, scheduler="karras", sampler="heun")
@@ -100,7 +89,7 @@ def test_sigma_switch_routes_by_the_large_models_noise_level():
 
 def test_chain_of_three_takes_cumulative_fractions():
     base = tiny_models.build_tiny_model("sd15")
-    (m1, c1), (m2, c2), (m3, c3) = counted(base), counted(base), counted(base)
+    (m1, c1), (m2, c2), (m3, c3) = count_calls(base, "sigma"), count_calls(base, "sigma"), count_calls(base, "sigma")
     chained = ts.TStitchChain.execute(m1, m2, 0.2, "steps", model_3=m3, switch_2=0.7).result[0]
     assert torch.equal(sample(chained, steps=10), sample(base, steps=10))
     assert (len(c1), len(c2), len(c3)) == (2, 5, 3)
