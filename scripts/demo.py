@@ -41,6 +41,7 @@ def main() -> int:
         fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".png.partial")
         os.close(fd)
         shutil.copyfile(produced, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, target)
     print(f"wrote {target} in {time.monotonic() - started:.1f} s")
     return 0
