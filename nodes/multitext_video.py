@@ -42,7 +42,7 @@ from ..samplers.video_segments import (
     repeat_last_frame,
     run_segment,
 )
-from .diffusehigh import VaeCodec
+from .vae_codec import VaeCodec
 
 PromptSequenceType = io.Custom("TL_PROMPT_SEQUENCE")
 UNCONDITIONAL_KEY = "trajectory_lab.unconditional"  # model_options flag: answer with the negative alone
