@@ -50,7 +50,7 @@ def start_comfyui():
     from harness import in_process_host, pack
 
     in_process_host()
-    return pack("nodes.vendi")
+    return pack("nodes.vendi"), pack("nodes.vendi_features")
 
 
 def tiny_clip_vision():
@@ -81,7 +81,7 @@ def sample_timed(guider, shape) -> float:
 
 
 def bench(repeats: int) -> tuple[list[dict], list[dict]]:
-    vn = start_comfyui()
+    vn, features = start_comfyui()
     import comfy.samplers
     import tiny_models
 
@@ -92,7 +92,7 @@ def bench(repeats: int) -> tuple[list[dict], list[dict]]:
     vae = tiny_models.build_tiny_vae()
     paths = {
         "pooled latents (d=64)": (vn.PooledLatentExtractor(), None, 64),
-        "CLIP vision via VAE decode (d=16)": (vn.CLIPVisionExtractor(tiny_clip_vision()), vae, 16),
+        "CLIP vision via VAE decode (d=16)": (features.CLIPVisionExtractor(tiny_clip_vision()), vae, 16),
     }
     plain = comfy.samplers.CFGGuider(model)
     plain.set_conds(positive, negative)

@@ -25,28 +25,14 @@ How it works in ComfyUI:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
 import math
-import os
-import re
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import comfy.clip_model
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
-import folder_paths
-import safetensors.torch
 import torch
-import torch.nn.functional as F
-from comfy.ldm.modules.attention import optimized_attention_for_device
 from comfy_api.latest import io
 
 from ..guidance.vendi import (
@@ -57,320 +43,21 @@ from ..guidance.vendi import (
     rescale_rows,
     vendi_score,
 )
+from .vendi_bank import BANK_TIP, MemoryBank, VendiClearBank, bank_name_error, check_bank_name
+from .vendi_features import (
+    CLIPVisionFeatures,
+    FeatureExtractor,
+    Features,
+    LatentFeatures,
+    PixelExtractor,
+    PixelFeatures,
+    PooledLatentExtractor,
+    autograd_ready_weights,
+    embed_latents,
+)
 
 ADDITIONAL_MODELS_KEY = "trajectory_lab.vendi"
 BATCH_MODES = ["sequential", "joint"]
-Features = io.Custom("TL_FEATURES")
-
-# ---------------------------------------------------------------------------------------------------------
-# Feature extractors (the TL_FEATURES type)
-# ---------------------------------------------------------------------------------------------------------
-
-
-class FeatureExtractor:
-    """TL_FEATURES: maps a batch to feature vectors [B, D], differentiably.
-
-    `space` says what `embed` takes: "latent" (a latent in the VAE's space, [B, C, *spatial]) or "image"
-    (ComfyUI IMAGE [B, H, W, C] in 0..1). `embed_images` embeds real images (exemplars, TL_VendiScore).
-    """
-
-    space = "image"
-    name = "features"
-
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def embed_images(self, images: torch.Tensor, vae=None, pixel_size: tuple[int, ...] | None = None) -> torch.Tensor:
-        return self.embed(images)
-
-    def bank_key(self, latent_format: str) -> str:
-        """Name of this feature space in a memory bank (latent features also depend on the latent space)."""
-        return f"{self.name}|{latent_format}" if self.space == "latent" else self.name
-
-    def modules(self) -> list[torch.nn.Module]:
-        """Modules whose weights the differentiable `embed` uses (made autograd-ready during guidance)."""
-        return []
-
-    def patchers(self) -> list:
-        """ModelPatchers to load alongside the diffusion model while sampling."""
-        return []
-
-
-class PooledLatentExtractor(FeatureExtractor):
-    """Average-pooled latents on a grid of at most `grid` cells per axis, flattened: no extra model."""
-
-    space = "latent"
-
-    def __init__(self, grid: int = 4, vae=None) -> None:
-        if grid < 1:
-            raise ValueError(f"grid: must be at least 1, got {grid}")
-        self.grid, self.vae = grid, vae
-        self.name = f"latent_pool{grid}"
-
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        cells = [min(side, self.grid) for side in batch.shape[2:]]
-        if len(cells) == 1:  # audio-like [B, C, L]
-            pooled = F.adaptive_avg_pool1d(batch, cells[0])
-        elif len(cells) == 2:
-            pooled = F.adaptive_avg_pool2d(batch, (cells[0], cells[1]))
-        elif len(cells) == 3:  # video [B, C, T, H, W]
-            pooled = F.adaptive_avg_pool3d(batch, (cells[0], cells[1], cells[2]))
-        else:
-            raise ValueError(f"latent features: unsupported latent shape {tuple(batch.shape)}")
-        return pooled.flatten(1)
-
-    def embed_images(self, images, vae=None, pixel_size=None):
-        vae = vae if vae is not None else self.vae
-        if vae is None:
-            raise ValueError(
-                "features: latent features embed images by encoding them: connect a vae (to TL_LatentFeatures, "
-                "or to the guider for exemplars)"
-            )
-        pixels = images[..., :3]
-        if pixel_size is not None:
-            pixels = resize_images(pixels, pixel_size)
-        else:
-            pixels = vae.vae_encode_crop_pixels(pixels)
-        return self.embed(vae.encode(pixels).float())
-
-
-class PixelExtractor(FeatureExtractor):
-    """Images area-resized to size x size, centred at 0.5 and flattened: a cheap, model-free image feature."""
-
-    def __init__(self, size: int = 16) -> None:
-        if size < 1:
-            raise ValueError(f"size: must be at least 1, got {size}")
-        self.size = size
-        self.name = f"pixels{size}"
-
-    def embed(self, batch):
-        pixels = F.adaptive_avg_pool2d(batch[..., :3].float().movedim(-1, 1), (self.size, self.size))
-        return (pixels - 0.5).flatten(1)
-
-
-class CLIPVisionExtractor(FeatureExtractor):
-    """A ComfyUI CLIP_VISION model's image embedding, with resize / crop / normalise done in torch so that
-    gradients reach the pixels (ComfyUI's clip_preprocess rounds to 8 bit)."""
-
-    def __init__(self, clip_vision, crop: bool = True) -> None:
-        self.clip_vision, self.crop = clip_vision, crop
-        model = clip_vision.model
-        first = next(model.parameters()).detach().flatten()[:256].float().cpu()
-        digest = hashlib.sha1(first.numpy().tobytes()).hexdigest()[:12]  # tells models of one config apart
-        self.name = f"clip_vision:{type(model).__name__}:{clip_vision.image_size}:{digest}:{'crop' if crop else 'fit'}"
-
-    def embed(self, batch):
-        cv = self.clip_vision
-        pixels = clip_pixels(batch, cv.image_size, cv.image_mean, cv.image_std, self.crop)
-        pixels = pixels.to(cv.load_device).float()
-        if isinstance(cv.model, comfy.clip_model.CLIPVisionModelProjection):
-            return clip_vision_embedding(cv.model, pixels).float()
-        return cv.model(pixel_values=pixels, intermediate_output=None)[2].float()  # DINOv2: adds out of place
-
-    def modules(self):
-        return [self.clip_vision.model]
-
-    def patchers(self):
-        return [self.clip_vision.patcher]
-
-
-def resize_images(images: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """IMAGE [B, H, W, C] resized to size (h, w), antialiased (differentiable)."""
-    if tuple(images.shape[1:3]) == tuple(size):
-        return images
-    x = images.movedim(-1, 1)
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return x.movedim(1, -1)
-
-
-def clip_pixels(images: torch.Tensor, size: int, mean, std, crop: bool = True) -> torch.Tensor:
-    """CLIP pixel values [B, 3, size, size] from IMAGE, like comfy.clip_vision.clip_preprocess without its
-    8-bit rounding and clamp (both stop gradients)."""
-    x = images[..., :3].movedim(-1, 1).float()
-    h, w = x.shape[-2:]
-    if crop:
-        s = size / min(h, w)
-        target = (max(size, round(h * s)), max(size, round(w * s)))
-    else:
-        target = (size, size)
-    if (h, w) != target:
-        x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (target[0] - size) // 2, (target[1] - size) // 2
-    x = x[:, :, top : top + size, left : left + size]
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def clip_vision_embedding(model, pixels: torch.Tensor) -> torch.Tensor:
-    """The projected image embedding of a comfy CLIPVisionModelProjection, computed over its own submodules with
-    out-of-place residual adds: its CLIPLayer adds in place, which autograd rejects."""
-    vision = model.vision_model
-    x = vision.pre_layrnorm(vision.embeddings(pixels))
-    attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
-    for layer in vision.encoder.layers:
-        x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    if vision.output_layernorm:  # SigLIP: no class token; the mean of the normalised tokens
-        pooled = vision.post_layernorm(x).mean(1)
-    else:
-        pooled = vision.post_layernorm(x[:, 0])
-    return model.visual_projection(pooled)
-
-
-@contextlib.contextmanager
-def autograd_ready_weights(modules: list[torch.nn.Module]):
-    """Temporarily replace parameters and buffers created in inference mode (any model loaded by a node) with
-    normal clones: autograd refuses to save inference tensors for backward. Restored afterwards."""
-    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
-    try:
-        with torch.inference_mode(False):
-            for module in modules:
-                for sub in module.modules():
-                    stores: list[dict[str, Any]] = [sub._parameters, sub._buffers]
-                    for store in stores:
-                        for name, tensor in list(store.items()):
-                            if tensor is not None and tensor.is_inference():
-                                clone = tensor.clone()
-                                if isinstance(tensor, torch.nn.Parameter):
-                                    clone = torch.nn.Parameter(clone, requires_grad=False)
-                                swapped.append((store, name, tensor))
-                                store[name] = clone
-        yield
-    finally:
-        for store, name, tensor in reversed(swapped):
-            store[name] = tensor
-
-
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode that keeps the autograd graph (VAE.decode writes into a preallocated buffer): IMAGE
-    [B, H, W, 3], or [B, T, H, W, 3] for video latents."""
-    images = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype)).float()
-    return vae.process_output(images).movedim(1, -1)
-
-
-def embed_latents(extractor: FeatureExtractor, latents: torch.Tensor, vae) -> torch.Tensor:
-    """Features of latents in the VAE's space: directly, or through a decode for image features."""
-    if extractor.space == "latent":
-        return extractor.embed(latents).float()
-    if vae is None:
-        raise ValueError(f"vae: {extractor.name} features work on images; connect the VAE of this model")
-    images = decode_latents(vae, latents)
-    if images.ndim == 5:  # video: the mean of per-frame features
-        b, t = images.shape[:2]
-        return extractor.embed(images.flatten(0, 1)).float().reshape(b, t, -1).mean(1)
-    return extractor.embed(images).float()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Memory banks on disk
-# ---------------------------------------------------------------------------------------------------------
-
-_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
-_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_BANK_LOCK = threading.Lock()  # prompts run on the worker thread, the web routes on the event loop thread
-BANK_FORMAT = "trajectory_lab.vendi_bank/1"
-
-
-def check_bank_name(name) -> str:
-    """The bank name if it is safe as a file name on every OS; else a ValueError saying what is allowed."""
-    ok = (
-        isinstance(name, str)
-        and _BANK_NAME.match(name) is not None
-        and not name.endswith((".", " "))
-        and name.split(".")[0].strip().lower() not in _RESERVED
-    )
-    if not ok:
-        raise ValueError(
-            f"memory_bank: {name!r} is not a valid bank name: use 1 to 64 letters, digits, spaces, '_', '-' or '.', "
-            "starting with a letter or digit and not ending with '.' or a space"
-        )
-    return name
-
-
-def bank_directory() -> Path:
-    return Path(folder_paths.get_user_directory()) / "trajectory_lab" / "vendi_banks"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-class MemoryBank:
-    """Features of earlier generations under one name: {feature space key: [N, D] float32} in a safetensors
-    file. Every operation re-reads the file under a lock, so a clear or another prompt in between is seen."""
-
-    def __init__(self, name: str, directory: Path | None = None) -> None:
-        self.name = check_bank_name(name)
-        self.path = (directory or bank_directory()) / f"{self.name}.safetensors"
-
-    def _read(self) -> dict[str, torch.Tensor]:
-        if not self.path.exists():
-            return {}
-        try:
-            return safetensors.torch.load(self.path.read_bytes())
-        except Exception as e:
-            raise RuntimeError(
-                f"memory_bank {self.name!r}: {self.path} is unreadable ({e}); clear the bank to start it afresh"
-            ) from e
-
-    def read(self, key: str) -> torch.Tensor | None:
-        with _BANK_LOCK:
-            return self._read().get(key)
-
-    def append(self, key: str, features: torch.Tensor) -> int:
-        """Add rows under `key`; returns that feature space's new row count."""
-        features = features.detach().to("cpu", torch.float32).contiguous()
-        with _BANK_LOCK:
-            tensors = self._read()
-            old = tensors.get(key)
-            if old is not None and old.shape[1] != features.shape[1]:
-                raise ValueError(
-                    f"memory_bank {self.name!r}: holds {old.shape[1]}-dim features for {key}, got {features.shape[1]}"
-                )
-            tensors[key] = features if old is None else torch.cat([old, features])
-            _write_atomically(self.path, safetensors.torch.save(tensors, metadata={"format": BANK_FORMAT}))
-            return tensors[key].shape[0]
-
-    def clear(self) -> int:
-        """Remove the bank; returns the rows it held."""
-        with _BANK_LOCK:
-            rows = sum(t.shape[0] for t in self._read().values()) if self.path.exists() else 0
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return rows
-
-    def sizes(self) -> dict[str, int]:
-        with _BANK_LOCK:
-            return {key: t.shape[0] for key, t in self._read().items()}
-
-    def fingerprint(self) -> str:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return f"{self.name}:empty"
-        return f"{self.name}:{stat.st_mtime_ns}:{stat.st_size}"
-
-
-def list_banks(directory: Path | None = None) -> dict[str, dict[str, int]]:
-    directory = directory or bank_directory()
-    banks = {}
-    for path in sorted(directory.glob("*.safetensors")) if directory.exists() else []:
-        with contextlib.suppress(ValueError, RuntimeError):
-            banks[path.stem] = MemoryBank(path.stem, directory).sizes()
-    return banks
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The guider
@@ -605,80 +292,6 @@ class VendiCFGGuider(comfy.samplers.CFGGuider):
         return gradient.detach().to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Web routes (only inside ComfyUI's server)
-# ---------------------------------------------------------------------------------------------------------
-
-ROUTE_PREFIX = "/trajectory_lab/vendi"
-
-
-def register_routes() -> bool:
-    """Add the bank routes to ComfyUI's PromptServer if one runs in this process (custom nodes load before the
-    server adds its routes, so these get the /api mirror too). Idempotent."""
-    server = sys.modules.get("server")
-    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if prompt_server is None or getattr(prompt_server, "trajectory_lab_vendi_routes", False):
-        return False
-    from aiohttp import web
-
-    routes = prompt_server.routes
-
-    def error(message: str, status: int = 400):
-        return web.json_response({"error": message}, status=status)
-
-    @routes.get(ROUTE_PREFIX + "/banks")
-    async def banks(request):
-        return web.json_response({"banks": list_banks()})
-
-    @routes.get(ROUTE_PREFIX + "/banks/{name}")
-    async def bank_size(request):
-        try:
-            sizes = MemoryBank(request.match_info["name"]).sizes()
-        except (ValueError, RuntimeError) as e:
-            return error(str(e))
-        return web.json_response({"name": request.match_info["name"], "sizes": sizes, "total": sum(sizes.values())})
-
-    @routes.post(ROUTE_PREFIX + "/clear")
-    async def clear(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return error('expected a JSON body {"name": "<bank name>"}')
-        name = body.get("name") if isinstance(body, dict) else None
-        try:
-            bank = MemoryBank(check_bank_name(name))
-        except ValueError as e:
-            return error(str(e))
-        return web.json_response({"name": name, "cleared": bank.clear()})
-
-    prompt_server.trajectory_lab_vendi_routes = True
-    logging.info("Trajectory Lab: Vendi memory bank routes under %s", ROUTE_PREFIX)
-    return True
-
-
-register_routes()
-
-# ---------------------------------------------------------------------------------------------------------
-# Nodes
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _bank_name_error(memory_bank) -> bool | str:
-    if memory_bank is None:  # linked from another node: checked when it runs
-        return True
-    try:
-        check_bank_name(memory_bank)
-    except ValueError as e:
-        return str(e)
-    return True
-
-
-_BANK_TIP = (
-    "Name of the memory bank: the features of every finished generation are appended to it (kept in ComfyUI's "
-    "user directory, across restarts). Use one bank per prompt / object. Letters, digits, spaces, '_', '-', '.'."
-)
-
-
 class VendiGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -724,7 +337,7 @@ class VendiGuider(io.ComfyNode):
                     max=1000,
                     tooltip="Guide on schedule steps 0, n, 2n, ... (the paper: every 5th step).",
                 ),
-                io.String.Input("memory_bank", default="default", tooltip=_BANK_TIP),
+                io.String.Input("memory_bank", default="default", tooltip=BANK_TIP),
                 io.Image.Input(
                     "exemplars",
                     optional=True,
@@ -780,7 +393,7 @@ class VendiGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, memory_bank=None, **kwargs):
-        return _bank_name_error(memory_bank)
+        return bank_name_error(memory_bank)
 
     @classmethod
     def fingerprint_inputs(cls, memory_bank=None, **kwargs):
@@ -828,97 +441,6 @@ class VendiScore(io.ComfyNode):
         return io.NodeOutput(float(vendi_score(embedded)))
 
 
-class LatentFeatures(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TL_LatentFeatures",
-            display_name="Latent Features (Trajectory Lab)",
-            category="trajectory_lab/features",
-            description="TL_FEATURES from the latent itself, average-pooled to a grid x grid layout: no extra model, "
-            "no decode. Connect a VAE to embed images (exemplars, TL_VendiScore) through its encoder.",
-            inputs=[
-                io.Int.Input("grid", default=4, min=1, max=32, tooltip="Cells per axis (4: 16 cells x channels)."),
-                io.Vae.Input("vae", optional=True, tooltip="Encodes images into the latent space."),
-            ],
-            outputs=[Features.Output(display_name="features")],
-        )
-
-    @classmethod
-    def execute(cls, grid, vae=None) -> io.NodeOutput:
-        return io.NodeOutput(PooledLatentExtractor(grid, vae))
-
-
-class PixelFeatures(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TL_PixelFeatures",
-            display_name="Pixel Features (Trajectory Lab)",
-            category="trajectory_lab/features",
-            description="TL_FEATURES from images shrunk to size x size pixels: cheap and model-free (colour and "
-            "layout, not semantics). With TL_VendiGuider it needs the vae input.",
-            inputs=[io.Int.Input("size", default=16, min=1, max=256)],
-            outputs=[Features.Output(display_name="features")],
-        )
-
-    @classmethod
-    def execute(cls, size) -> io.NodeOutput:
-        return io.NodeOutput(PixelExtractor(size))
-
-
-class CLIPVisionFeatures(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TL_CLIPVisionFeatures",
-            display_name="CLIP Vision Features (Trajectory Lab)",
-            category="trajectory_lab/features",
-            description="TL_FEATURES from a CLIP_VISION model's image embedding (the paper uses CLIP ViT-B/32). "
-            "Preprocessing runs in torch without 8-bit rounding, so guidance gradients reach the image. With "
-            "TL_VendiGuider it needs the vae input.",
-            inputs=[
-                io.ClipVision.Input("clip_vision"),
-                io.Boolean.Input("crop", default=True, tooltip="Centre-crop to a square (else stretch)."),
-            ],
-            outputs=[Features.Output(display_name="features")],
-        )
-
-    @classmethod
-    def execute(cls, clip_vision, crop) -> io.NodeOutput:
-        return io.NodeOutput(CLIPVisionExtractor(clip_vision, crop))
-
-
-class VendiClearBank(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TL_VendiClearBank",
-            display_name="Clear Vendi Memory Bank (Trajectory Lab)",
-            category="trajectory_lab/guidance",
-            description="Empties a TL_VendiGuider memory bank each time the prompt runs. Link its output into the "
-            "guider's memory_bank to clear before sampling.",
-            inputs=[io.String.Input("memory_bank", default="default", tooltip=_BANK_TIP)],
-            outputs=[io.String.Output(display_name="memory_bank")],
-            is_output_node=True,
-            not_idempotent=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, memory_bank=None):
-        return _bank_name_error(memory_bank)
-
-    @classmethod
-    def fingerprint_inputs(cls, memory_bank=None):
-        return float("nan")  # never cached: clearing is the point of running it
-
-    @classmethod
-    def execute(cls, memory_bank) -> io.NodeOutput:
-        rows = MemoryBank(memory_bank).clear()
-        logging.info("Trajectory Lab: cleared Vendi memory bank %r (%d rows)", memory_bank, rows)
-        return io.NodeOutput(memory_bank)
-
-
-# Node classes of this module, in menu order (registered in nodes/__init__.py).
+# Node classes of c-VSG, in menu order (registered in nodes/__init__.py).
 NODES: list[type[io.ComfyNode]] = [VendiGuider, VendiScore, LatentFeatures, PixelFeatures, CLIPVisionFeatures,
                                    VendiClearBank]  # fmt: skip

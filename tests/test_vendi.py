@@ -367,7 +367,7 @@ def test_bank_persists_across_executions_clears_and_changes_guidance():
         assert vn.VendiClearBank.execute(bank).result[0] == bank
         assert vn.MemoryBank(bank).sizes() == {} and not vn.MemoryBank(bank).path.exists()
         assert torch.equal(gmm_batch(0.1, weights, 3, bank=bank), first)  # cleared: as at the start
-        assert not list(vn.bank_directory().glob("*.partial"))
+        assert not list(pack("nodes.vendi_bank").bank_directory().glob("*.partial"))
     finally:
         vn.MemoryBank(bank).clear()
 
