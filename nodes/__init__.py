@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .demo_models import NODES as DEMO_NODES
 from .diffusehigh import DiffuseHigh
 from .feynman_kac import FKCGuider, FKCSampler
 from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
@@ -27,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     DiffuseHigh,
     PromptSequenceNode,
     MultiTextVideo,
+    *DEMO_NODES,
 ]
 
 
