@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import (  # noqa: E402
+from common import (  # noqa: E402
     FULL_SIZE,
     bench_arguments,
     build_full_size,
@@ -142,7 +142,7 @@ def run_case(dh_nodes, name, model, vae, positive, negative, base, stages: int, 
             **{v: statistics.median(t) for v, t in times.items()}, "errors": errors}  # fmt: skip
 
 
-def bench(device: str, repeats: int) -> list[dict]:
+def bench(device: str, repeats: int, max_stages: int = 2) -> list[dict]:
     start_comfyui(device)
     import comfy.model_management as mm
     from harness import pack
@@ -152,7 +152,7 @@ def bench(device: str, repeats: int) -> list[dict]:
     rows = []
     for case in cases(device):
         *setting, stage_counts = case
-        for stages in stage_counts:
+        for stages in [k for k in stage_counts if k <= max_stages]:
             row = run_case(dh_nodes, *setting, stages, repeats, sync)
             rows.append(row)
             errors = row["errors"]

@@ -13,7 +13,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import datetime  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -22,11 +21,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import (  # noqa: E402
+from common import (  # noqa: E402
     FULL_SIZE,
     bench_arguments,
     build_full_size,
-    processor_name,
+    environment_line,
     random_conditioning,
     start_comfyui,
     write_atomically,
@@ -49,13 +48,13 @@ def timed(model, sampler, latent, cond, sync) -> float:
     return time.perf_counter() - start
 
 
-def cases(device):
+def cases(device, sides=(8, 32)):
     if device == "cpu":
         import tiny_models
 
         model = tiny_models.build_tiny_model("sd15")
         cond = tiny_models.tiny_conditioning("sd15", 1)
-        for size in (8, 32):
+        for size in sides:
             yield f"tiny SD1.5, {size}x{size} latent", model, cond, (4, size, size)
         return
     cls, dtype, config, shape, tokens, width, pooled = FULL_SIZE["SDXL 1024²"]
@@ -67,22 +66,19 @@ def cases(device):
     )
 
 
-def main() -> int:
-    args = bench_arguments(__doc__, "FKC_SPEED.md", 5, 3)
-    if args is None:
-        return 2
-    start_comfyui(args.device)
+def measure(device: str, repeats: int, sides=(8, 32)) -> list[tuple[str, float, float, float]]:
+    """(case, plain s, FKC s, particle-steps per s) per case (cpu: latent sides); ComfyUI must be started."""
     import comfy.samplers
     from harness import pack
 
     fkc = pack("nodes.feynman_kac").FKCSampler.execute(PARTICLES, "target", "every_step", 0.5, "best").args[0]
     plain = comfy.samplers.sampler_object("euler_ancestral")
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
-    for name, model, cond, shape in cases(args.device):
+    for name, model, cond, shape in cases(device, sides):
         fkc_latent, plain_latent = torch.zeros((1, *shape)), torch.zeros((PARTICLES, *shape))
         times: dict[str, list[float]] = {"plain": [], "fkc": []}
-        for repeat in range(args.repeats + 1):
+        for repeat in range(repeats + 1):
             t_plain = timed(model, plain, plain_latent, cond, sync)
             t_fkc = timed(model, fkc, fkc_latent, cond, sync)
             if repeat:  # the first round warms up
@@ -90,17 +86,29 @@ def main() -> int:
                 times["fkc"].append(t_fkc)
         plain_s, fkc_s = statistics.median(times["plain"]), statistics.median(times["fkc"])
         rows.append((name, plain_s, fkc_s, PARTICLES * STEPS / fkc_s))
+    return rows
+
+
+def markdown(rows, device: str, repeats: int) -> str:
     lines = [
         "# FKC cost per particle-step", "",
         f"{PARTICLES} particles for 1 image vs plain euler_ancestral on a batch of {PARTICLES}; {STEPS} Karras steps, "
-        f"cfg {CFG}; median of {args.repeats} after a warm-up; {processor_name(args.device)}; "
-        f"torch {torch.__version__}; {datetime.date.today().isoformat()}. "
-        f"Command: `python bench/fkc_speed.py --device {args.device}`.", "",
+        f"cfg {CFG}; median of {repeats} after a warm-up; {environment_line(device)}. "
+        f"Command: `python bench/fkc_speed.py --device {device}`. Target: FKC / plain <= 1.05.", "",
         "| case | plain s | FKC s | FKC / plain | particle-steps per s |", "|---|--:|--:|--:|--:|",
         *[f"| {n} | {p:.3f} | {f:.3f} | {f / p:.3f} | {r:.1f} |" for n, p, f, r in rows], "",
     ]  # fmt: skip
-    write_atomically(args.out, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = bench_arguments(__doc__, "FKC_SPEED.md", 5, 3)
+    if args is None:
+        return 2
+    start_comfyui(args.device)
+    text = markdown(measure(args.device, args.repeats), args.device, args.repeats)
+    write_atomically(args.out, text)
+    print(text)
     return 0
 
 

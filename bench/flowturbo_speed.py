@@ -14,7 +14,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import datetime  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -23,11 +22,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import (  # noqa: E402
+from common import (  # noqa: E402
     FULL_SIZE,
     bench_arguments,
     build_full_size,
-    processor_name,
+    environment_line,
     random_conditioning,
     start_comfyui,
     write_atomically,
@@ -57,13 +56,10 @@ def run(model, spec, steps, cond, latent, sync, seed=5):
     return time.perf_counter() - start, out
 
 
-def main() -> int:
-    args = bench_arguments(__doc__, "FLOWTURBO_SPEED.md", 5, 3)
-    if args is None:
-        return 2
-    start_comfyui(args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    if args.device == "cpu":
+def measure(device: str, repeats: int) -> tuple[str, list[tuple[str, float, float]]]:
+    """(setting, [(plan, median s, mean abs error vs the reference or nan)]); ComfyUI must be started."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cpu":
         import tiny_models
 
         model = tiny_models.build_gmm_model("flow", "two_modes_1d")
@@ -81,22 +77,34 @@ def main() -> int:
     for label, spec, steps in plans:
         run(model, spec, steps, cond, latent, sync)  # warm-up
         times, out = [], None
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             t, out = run(model, spec, steps, cond, latent, sync)
             times.append(t)
         error = (out - reference).abs().mean().item() if reference is not None else float("nan")
         rows.append((label, statistics.median(times), error))
+    return title, rows
+
+
+def markdown(title: str, rows, device: str, repeats: int) -> str:
     base = rows[0][1]
     lines = [
         "# FlowTurbo speed and accuracy", "",
-        f"{title}; median of {args.repeats} after a warm-up; "
-        f"{processor_name(args.device)}; torch {torch.__version__}; {datetime.date.today().isoformat()}. "
-        f"Command: `python bench/flowturbo_speed.py --device {args.device}`.", "",
+        f"{title}; median of {repeats} after a warm-up; {environment_line(device)}. "
+        f"Command: `python bench/flowturbo_speed.py --device {device}`.", "",
         "| plan | s per batch | x first row | mean abs error vs reference |", "|---|--:|--:|--:|",
         *[f"| {label} | {t:.4f} | {t / base:.3f} | {e:.4g} |" for label, t, e in rows], "",
     ]  # fmt: skip
-    write_atomically(args.out, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = bench_arguments(__doc__, "FLOWTURBO_SPEED.md", 5, 3)
+    if args is None:
+        return 2
+    start_comfyui(args.device)
+    text = markdown(*measure(args.device, args.repeats), args.device, args.repeats)
+    write_atomically(args.out, text)
+    print(text)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import (  # noqa: E402
+from common import (  # noqa: E402
     bench_arguments,
     build_full_size,
     processor_name,

@@ -13,8 +13,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -23,7 +21,15 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pag_speed import FULL_SIZE, bench_arguments, build_full_size, random_conditioning, start_comfyui, write_atomically  # noqa: E402
+from common import (  # noqa: E402
+    FULL_SIZE,
+    bench_arguments,
+    build_full_size,
+    environment_line,
+    random_conditioning,
+    start_comfyui,
+    write_atomically,
+)
 
 STEPS, CFG, BATCH, RATIO = 10, 5.0, 2, 0.4
 # fmt: off
@@ -38,7 +44,7 @@ _SSD1B = {**FULL_SIZE["SDXL 1024²"][2], "transformer_depth": [0, 0, 2, 2, 4, 4]
 # fmt: on
 
 
-def cpu_pair():
+def cpu_pair(side: int = 32):
     import tiny_models
 
     def build(channels, seed):
@@ -53,7 +59,8 @@ def cpu_pair():
         return tiny_models._new_patcher(model)
 
     cond = random_conditioning(1, 8, 64, None)
-    return "SD1.5-family UNets 32x32 latent (model_channels 128 vs 32)", build(128, 0), build(32, 1), cond, (4, 32, 32)
+    title = f"SD1.5-family UNets {side}x{side} latent (model_channels 128 vs 32)"
+    return title, build(128, 0), build(32, 1), cond, (4, side, side)
 
 
 def cuda_pair():
@@ -77,43 +84,52 @@ def timed(model, cond, latent, sync) -> float:
     return time.perf_counter() - start
 
 
-def main() -> int:
-    args = bench_arguments(__doc__, "TSTITCH_SPEED.md", 5, 3)
-    if args is None:
-        return 2
-    start_comfyui(args.device)
+def measure(device: str, repeats: int, side: int = 32) -> tuple[str, dict[str, float]]:
+    """(setting, median seconds per variant; cpu: latent side); ComfyUI must be started for `device`."""
     from harness import pack
 
     stitching = pack("nodes.trajectory_stitching")
-    title, large, small, cond, latent = cpu_pair() if args.device == "cpu" else cuda_pair()
+    title, large, small, cond, latent = cpu_pair(side) if device == "cpu" else cuda_pair()
     stitched = stitching.TStitchModel.execute(small, large, RATIO, "steps").result[0]
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     variants = {"large only": large, "small only": small, f"T-Stitch r={RATIO}": stitched}
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for repeat in range(args.repeats + 1):
+    for repeat in range(repeats + 1):
         for key, model in variants.items():
             t = timed(model, cond, latent, sync)
             if repeat:  # the first round warms up
                 times[key].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    c = med["small only"] / med["large only"]
-    ideal = 1 - RATIO * (1 - c)
-    measured = med[f"T-Stitch r={RATIO}"] / med["large only"]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    import comfyui_version
+    return title, {k: statistics.median(v) for k, v in times.items()}
 
+
+def ratios(med: dict[str, float]) -> tuple[float, float, float]:
+    """(c_small / c_large, ideal stitched / large-only = 1 - r (1 - c), measured stitched / large-only)."""
+    c = med["small only"] / med["large only"]
+    return c, 1 - RATIO * (1 - c), med[f"T-Stitch r={RATIO}"] / med["large only"]
+
+
+def markdown(title: str, med: dict[str, float], device: str, repeats: int) -> str:
+    c, ideal, measured = ratios(med)
     lines = [
         "# T-Stitch speed", "",
-        f"{title}; euler {STEPS} steps, cfg {CFG}, batch {BATCH}; median of {args.repeats} after a warm-up.",
-        f"Device: {device}; torch {torch.__version__}; ComfyUI {comfyui_version.__version__}; "
-        f"{datetime.date.today().isoformat()}. Command: `python bench/tstitch_speed.py --device {args.device}`.", "",
+        f"{title}; euler {STEPS} steps, cfg {CFG}, batch {BATCH}; median of {repeats} after a warm-up.",
+        f"{environment_line(device)}. Command: `python bench/tstitch_speed.py --device {device}`.", "",
         "| variant | s per image batch | x large-only |", "|---|--:|--:|",
         *[f"| {k} | {v:.3f} | {v / med['large only']:.3f} |" for k, v in med.items()], "",
         f"c_small / c_large = {c:.3f}; ideal stitched ratio 1 - r (1 - c) = {ideal:.3f}; measured {measured:.3f} "
         f"({100 * (measured / ideal - 1):+.1f}% vs ideal; target within 5%).", "",
     ]  # fmt: skip
-    write_atomically(args.out, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = bench_arguments(__doc__, "TSTITCH_SPEED.md", 5, 3)
+    if args is None:
+        return 2
+    start_comfyui(args.device)
+    text = markdown(*measure(args.device, args.repeats), args.device, args.repeats)
+    write_atomically(args.out, text)
+    print(text)
     return 0
 
 

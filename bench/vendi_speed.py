@@ -28,7 +28,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from pag_speed import processor_name, write_atomically  # noqa: E402
+from common import processor_name, write_atomically  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CFG, SCALE = 10, 5.0, 0.05
@@ -80,7 +80,7 @@ def sample_timed(guider, shape) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def bench(repeats: int) -> tuple[list[dict], list[dict]]:
+def bench(repeats: int, bank_sizes=BANK_SIZES) -> tuple[list[dict], list[dict]]:
     vn, features = start_comfyui()
     import comfy.samplers
     import tiny_models
@@ -100,7 +100,7 @@ def bench(repeats: int) -> tuple[list[dict], list[dict]]:
     rows: list[dict] = []
     io_rows: list[dict] = []
     for path_name, (extractor, path_vae, dim) in paths.items():
-        for size in BANK_SIZES:
+        for size in bank_sizes:
             name = f"bench {len(rows)}"
             bank = vn.MemoryBank(name)
             bank.clear()
