@@ -149,6 +149,15 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
         "SD3-style MMDiT rectified flow (FlowTurbo, DiT PAG)",
         _IMAGE_LATENT,
     ),
+    "shapes_video_wan": DemoModelSpec(
+        "wan21",
+        {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": LATENT_CHANNELS,
+         "out_dim": LATENT_CHANNELS, "dim": 128, "ffn_dim": 256, "freq_dim": 256, "text_dim": text_encoder.EMBED_DIM,
+         "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True,
+         "eps": 1e-6},
+        "Wan 2.1-style T2V DiT rectified flow on 8-frame 16x16 videos (multi-text video; TL_DemoPromptSequence)",
+        (LATENT_CHANNELS, 8, 4, 4),  # [C, T, H, W]: the fold has no temporal compression, any T >= 1 works
+    ),
 }  # fmt: skip
 
 
@@ -238,10 +247,26 @@ def demo_vae():
     return vae
 
 
+def _same_frame_count(frames: int) -> int:
+    return frames
+
+
+@functools.cache
+def demo_video_vae():
+    """demo_vae as a video VAE (latent_dim 3): VAEEncode turns a batch of frames into one video latent
+    [1, 48, T, H/4, W/4] and VAEDecode gives the frames back, as with Wan's VAE but with no temporal compression."""
+    vae = copy.copy(demo_vae())  # same network and patcher; only the shape bookkeeping differs
+    vae.latent_dim = 3
+    vae.downscale_ratio = (_same_frame_count, FOLD, FOLD)
+    vae.upscale_ratio = (_same_frame_count, FOLD, FOLD)
+    vae.downscale_index_formula = vae.upscale_index_formula = (1, FOLD, FOLD)
+    return vae
+
+
 def load_demo_model(name: str):
     """(MODEL, VAE) for a demo model. Loaded once per process; each call hands out a fresh clone."""
-    _spec(name)
-    return _loaded_patcher(name).clone(), demo_vae()
+    video = _CONFIG_CLASSES[_spec(name).family].latent_format.latent_dimensions == 3
+    return _loaded_patcher(name).clone(), demo_video_vae() if video else demo_vae()
 
 
 def demo_conditioning(text: str) -> list:
