@@ -50,3 +50,21 @@ def model_index(sigma: float, thresholds: Sequence[float]) -> int:
         if sigma > threshold:
             return i
     return len(thresholds)
+
+
+def segment_bounds(sample_sigmas: Sequence[float], thresholds: Sequence[float]) -> list[tuple[int, int]]:
+    """The steps of one schedule grouped by the model that starts them: [(first step, end step), ...], in order.
+
+    A sampler run separately on each group sees a fresh trajectory at every switch, so a multistep solver's
+    history (DPM++ 2M, UniPC, ...) restarts there instead of mixing two models' predictions.
+    """
+    n_steps = len(sample_sigmas) - 1
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, n_steps):
+        if model_index(sample_sigmas[i], thresholds) != model_index(sample_sigmas[i - 1], thresholds):
+            bounds.append((start, i))
+            start = i
+    if n_steps > 0:
+        bounds.append((start, n_steps))
+    return bounds

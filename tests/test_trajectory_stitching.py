@@ -1,5 +1,6 @@
 """T-Stitch in the real host: exact routing on tiny real models, and accuracy on the exact GMM."""
 
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -45,8 +46,8 @@ def sample(model, arch="sd15", steps=10, cfg=2.0, sampler="euler", scheduler="no
     )
 
 
-def stitch(small, large, r, switch_by="steps"):
-    return ts.TStitchModel.execute(small, large, r, switch_by).result[0]
+def stitch(small, large, r, switch_by="steps", history="carry", release="when_vram_short"):
+    return ts.TStitchModel.execute(small, large, r, switch_by, history, release).result[0]
 
 
 # ---------------------------------------------------------------- exactness of the routing
@@ -66,6 +67,112 @@ def test_same_model_twice_is_plain_sampling_with_exact_call_counts(r):
 def test_every_kind_of_sampler_is_unchanged_when_both_models_are_the_same(sampler):
     base = tiny_models.build_tiny_model("sd15")
     assert torch.equal(sample(stitch(base, base, 0.4), sampler=sampler), sample(base, sampler=sampler))
+
+
+def test_segments_follow_the_model_that_starts_each_step():
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.0]
+    assert core.segment_bounds(sigmas, core.step_thresholds(sigmas, [0.5])) == [(0, 2), (2, 4)]
+    assert core.segment_bounds(sigmas, core.step_thresholds(sigmas, [0.0])) == [(0, 4)]
+    assert core.segment_bounds(sigmas, core.step_thresholds(sigmas, [0.25, 0.75])) == [(0, 1), (1, 3), (3, 4)]
+    assert core.segment_bounds(sigmas, [3.0]) == [(0, 2), (2, 4)]  # switch_by = sigma
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm"])
+def test_restart_leaves_single_step_samplers_and_their_noise_unchanged(sampler):
+    """A single-step sampler has no history, so restarting it at the switch changes nothing, provided both segments
+    draw from the run's one noise stream (seeded generator or Brownian tree): a replayed stream would differ."""
+    base = tiny_models.build_tiny_model("sd15")
+    restarted = sample(stitch(base, base, 0.4, history="restart"), sampler=sampler)
+    assert torch.equal(restarted, sample(base, sampler=sampler))
+
+
+@pytest.mark.parametrize("path", ["model", "guider"])
+def test_restart_runs_the_large_segment_as_a_fresh_multistep_run_from_the_switch_state(path):
+    """dpmpp_2m, 10 steps, r = 0.4: the stitched run equals small-only dpmpp_2m over the first 4 steps followed by a
+    fresh large-only dpmpp_2m over the last 6, started from that state (tolerance: the latent scale round trip)."""
+    large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    negative = [[torch.zeros_like(positive[0][0]), {}]]
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "normal", 10)
+    sampler = comfy.samplers.sampler_object("dpmpp_2m")
+
+    def custom(model, noise, sigmas, latent, callback=None):
+        return comfy.sample.sample_custom(model, noise, 2.0, sampler, sigmas, positive, negative, latent,
+                                          callback=callback, disable_pbar=True, seed=0)  # fmt: skip
+
+    def stitched(history, callback=None):
+        if path == "model":
+            return custom(stitch(small, large, 0.4, history=history), noise, sigmas, latent, callback)
+        node = ts.TStitchGuider.execute(small, large, positive, negative, positive, negative, 2.0, 2.0, 0.4, "steps",
+                                        history)  # fmt: skip
+        guider = node.result[0]
+        return guider.sample(noise, latent, sampler, sigmas, seed=0, callback=callback, disable_pbar=True)
+
+    at_switch = custom(small, noise, sigmas[:5], latent)
+    two_runs = custom(large, torch.zeros_like(noise), sigmas[4:], at_switch)
+    steps_seen = []
+    restarted = stitched("restart", callback=lambda i, *_: steps_seen.append(i))
+    assert steps_seen == list(range(10))  # the progress callback counts over the whole run
+    assert torch.allclose(restarted, two_runs, rtol=1e-5, atol=1e-4), (restarted - two_runs).abs().max()
+    carried = stitched("carry")
+    assert (carried - two_runs).abs().max() > 100 * (restarted - two_runs).abs().max()
+
+
+# ---------------------------------------------------------------- memory: the small model after the switch
+
+
+def loaded_record(model):
+    """ComfyUI's LoadedModel record holding `model`'s network (any clone of it), or None."""
+    records = [r for r in comfy.model_management.current_loaded_models if r.model.model is model.model]
+    assert len(records) <= 1
+    return records[0] if records else None
+
+
+@pytest.mark.parametrize("release", ["always", "when_vram_short", "vram_short_at_switch"])
+def test_the_small_model_is_released_from_model_management_after_the_switch(release):
+    """10 euler steps, r = 0.4, in ComfyUI's own model management on CPU. Every model call logs whether the small
+    network is loaded (in current_loaded_models) and still marked as used. always: loaded for its 4 steps only.
+    when_vram_short with the large model fully loaded: stays loaded (nothing to gain), marked unused after the
+    switch. vram_short_at_switch: the large model loses half its weights to the offload device during the last
+    small step (as when VRAM runs short), so at the switch the small one is unloaded and the large reloaded fully."""
+    large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
+    log = []
+
+    def probe(name):
+        def wrapper(executor, x, t, *args, **kwargs):
+            record = loaded_record(small)
+            log.append((name, record is not None and record.currently_used, record is not None))
+            if release == "vram_short_at_switch" and name == "small" and len(log) == 4:
+                big = loaded_record(large).model
+                big.partially_unload(big.offload_device, big.model_size() // 2)
+                assert big.loaded_size() < big.model_size()
+            return executor(x, t, *args, **kwargs)
+
+        return wrapper
+
+    probed = []
+    for name, model in (("small", small), ("large", large)):
+        clone = model.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.memory", probe(name))
+        probed.append(clone)
+    mode = "always" if release == "always" else "when_vram_short"
+    stitched = stitch(*probed, 0.4, release=mode)
+    first = sample(stitched, sampler="euler")
+    assert [n for n, *_ in log] == ["small"] * 4 + ["large"] * 6
+    assert all(used and loaded for n, used, loaded in log if n == "small")
+    large_calls = [(used, loaded) for n, used, loaded in log if n == "large"]
+    if release == "when_vram_short":
+        assert large_calls == [(False, True)] * 6
+    else:
+        assert large_calls == [(False, False)] * 6
+    if release == "vram_short_at_switch":
+        big = loaded_record(large).model
+        assert big.loaded_size() == big.model_size()
+    log.clear()
+    assert torch.equal(sample(stitched, sampler="euler"), first)  # the next run loads the small model again
+    assert torch.equal(first, sample(stitch(small, large, 0.4), sampler="euler"))
 
 
 def test_r_zero_is_large_only_and_r_one_small_only():
