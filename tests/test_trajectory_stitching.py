@@ -217,31 +217,44 @@ def test_each_model_keeps_its_own_patches():
 # ---------------------------------------------------------------- accuracy on the exact GMM
 
 
-def test_gmm_error_rises_with_r_and_matches_large_only_while_switching_at_high_noise():
-    """large = the exact four-mode mixture (std 0.25), small = the same modes blurred to std 1. Heun, 30 Karras
-    steps, 4000 samples, seed 0. Error = relative error of the mean squared distance to the nearest mode
-    (exact: 2 * 0.25^2). Tolerance: within 0.02 of large-only while the switch sigma is >= 5 (data scale ~3.5)."""
+def gmm_stitched_error(r, sampler="heun", steps=30, history="carry", n=4000):
+    """large = the exact four-mode mixture (std 0.25), small = the same modes blurred to std 1; Karras steps, seed 0.
+    Error = relative error of the mean squared distance to the nearest mode (exact: 2 * 0.25^2)."""
     exact = tiny_models.gmm_preset("four_modes")
     large = tiny_models.build_gmm_model("eps", "four_modes")
     small = tiny_models.build_gmm_model("eps", "four_modes_blurred")
-    n, steps = 4000, 30
     latent = torch.zeros(tiny_models.gmm_latent_shape("four_modes", n))
     cond = tiny_models.gmm_conditioning([0, 0, 0, 0])
-    sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "karras", steps)
+    out = comfy.sample.sample(
+        stitch(small, large, r, history=history), comfy.sample.prepare_noise(latent, 0), steps, 1.0, sampler,
+        "karras", cond, cond, latent, seed=0, disable_pbar=True,
+    ).reshape(n, 2)  # fmt: skip
+    spread = ((out.double() - exact.means[exact.nearest_mode(out)]) ** 2).sum(1).mean().item()
+    return abs(spread / (2 * 0.25**2) - 1)
+
+
+def test_gmm_error_rises_with_r_and_matches_large_only_while_switching_at_high_noise():
+    """Heun, 30 Karras steps, 4000 samples. Tolerance: within 0.02 of large-only while the switch sigma is >= 5
+    (data scale ~3.5)."""
+    large = tiny_models.build_gmm_model("eps", "four_modes")
+    sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "karras", 30)
     errors, switch_sigma = {}, {}
     for r in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
-        out = comfy.sample.sample(
-            stitch(small, large, r), comfy.sample.prepare_noise(latent, 0), steps, 1.0, "heun", "karras", cond, cond,
-            latent, seed=0, disable_pbar=True,
-        ).reshape(n, 2)  # fmt: skip
-        spread = ((out.double() - exact.means[exact.nearest_mode(out)]) ** 2).sum(1).mean().item()
-        errors[r] = abs(spread / (2 * 0.25**2) - 1)
-        switch_sigma[r] = float(sigmas[int(r * steps + 1e-9)])
+        errors[r] = gmm_stitched_error(r)
+        switch_sigma[r] = float(sigmas[int(r * 30 + 1e-9)])
     high_noise = [r for r in errors if switch_sigma[r] >= 5.0]
     assert len(high_noise) >= 3
     assert all(abs(errors[r] - errors[0.0]) < 0.02 for r in high_noise), errors
     later = [errors[r] for r in errors if switch_sigma[r] < 5.0]
     assert later == sorted(later) and later[-1] > 10 * errors[0.0], errors
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "lms"])
+def test_gmm_carrying_the_history_is_more_accurate_than_restarting_it(sampler):
+    """Why history = carry is the default: 20 steps, r = 0.4. Measured: dpmpp_2m 0.101 (carry) vs 0.170 (restart),
+    lms 0.091 vs 0.201 (large-only 0.025 / 0.011)."""
+    errors = {h: gmm_stitched_error(0.4, sampler, 20, h) for h in ("carry", "restart")}
+    assert errors["carry"] < 0.7 * errors["restart"], errors
 
 
 # ---------------------------------------------------------------- guider, graph, errors
