@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_models import NODES as DEMO_NODES
+from .demo_video import NODES as DEMO_VIDEO_NODES
 from .diffusehigh import DiffuseHigh
 from .feynman_kac import FKCGuider, FKCSampler
 from .flowturbo import FlowTurboSampler, LoadVelocityRefiner, TrainVelocityRefiner
@@ -29,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     PromptSequenceNode,
     MultiTextVideo,
     *DEMO_NODES,
+    *DEMO_VIDEO_NODES,
 ]
 
 
