@@ -37,11 +37,11 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         raise FileNotFoundError(f"Fashion-MNIST file {path} is missing; {INSTALL_HINT}")
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    ndim = magic & 0xFF
-    header = np.frombuffer(raw, dtype=">i4", count=1 + ndim)
-    if int(header[0]) != magic:
-        raise ValueError(f"{path} is not an IDX file of the expected kind (magic {int(header[0])}, expected {magic})")
-    shape = tuple(int(d) for d in header[1:])
+    ndim = magic & 0xFF  # the magic's low byte counts the dimensions
+    found = int(np.frombuffer(raw, dtype=">i4", count=1)[0]) if len(raw) >= 4 else None
+    if found != magic or len(raw) < 4 * (1 + ndim):
+        raise ValueError(f"{path} is not an IDX file of the expected kind (magic {found}, expected {magic})")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape} but holds {data.size} bytes of data")
