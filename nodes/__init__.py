@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .demo_features import NODES as DEMO_FEATURE_NODES
 from .demo_models import NODES as DEMO_NODES
 from .demo_video import NODES as DEMO_VIDEO_NODES
 from .diffusehigh import DiffuseHigh
@@ -31,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     MultiTextVideo,
     *DEMO_NODES,
     *DEMO_VIDEO_NODES,
+    *DEMO_FEATURE_NODES,
 ]
 
 

@@ -335,4 +335,30 @@ class DemoTextEncode(io.ComfyNode):
         return io.NodeOutput(demo_conditioning(text))
 
 
-NODES: list[type[io.ComfyNode]] = [LoadDemoModel, DemoTextEncode]
+class EmptyDemoLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TL_EmptyDemoLatent",
+            display_name="Empty Demo Latent (Trajectory Lab)",
+            category="trajectory_lab/demo",
+            description="A zero latent for the demo image models (48 channels at 1/4 of the image size: mid-grey). "
+            "EmptyLatentImage makes SD's 4-channel /8 latents, which the demo models cannot take.",
+            inputs=[
+                io.Int.Input("width", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image height in pixels."),
+                io.Int.Input("batch_size", default=1, min=1, max=256),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, width, height, batch_size) -> io.NodeOutput:
+        for name, value in (("width", width), ("height", height)):
+            if value % FOLD:
+                raise ValueError(f"{name}: must be a multiple of {FOLD}, got {value}")
+        samples = torch.zeros(batch_size, LATENT_CHANNELS, height // FOLD, width // FOLD)
+        return io.NodeOutput({"samples": samples})
+
+
+NODES: list[type[io.ComfyNode]] = [LoadDemoModel, DemoTextEncode, EmptyDemoLatent]

@@ -1,0 +1,124 @@
+"""The demo world in the real host: the shapes generator and text encoding, the lossless demo VAE, the attribute
+classifier behind TL_DemoFeatures, and quality floors for the shipped shapes models (generated through
+TL_LoadDemoModel + TL_DemoTextEncode + KSampler / SamplerCustomAdvanced + VAEDecode, then read by the classifier)."""
+
+import numpy as np
+import pytest
+import torch
+from harness import pack
+
+world = pack("demo.shapes_world")
+text = pack("demo.text_encoder")
+classifier_mod = pack("demo.classifier")
+demo_models = pack("nodes.demo_models")
+demo_features = pack("nodes.demo_features")
+vendi = pack("nodes.vendi")
+
+# ---------------------------------------------------------------- world and text encoder
+
+
+def test_world_is_a_pure_function_of_its_seed():
+    a, b = world.sample_images(np.random.default_rng(5), 6), world.sample_images(np.random.default_rng(5), 6)
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    c = world.sample_images(np.random.default_rng(6), 6)
+    assert not np.array_equal(a.images, c.images)
+    assert a.images.shape == (6, 3, 32, 32) and a.images.min() >= 0 and a.images.max() <= 1
+    for i, caption in enumerate(a.captions):  # labels and captions agree
+        words = caption.split()
+        assert [world.ATTRIBUTES[k][a.labels[k][i]] for k in ("size", "colour", "shape", "position")] == words
+
+
+def test_shape_is_painted_where_and_how_the_caption_says():
+    bg = world.Background((0.2, 0.2, 0.2))
+    image = world.render([world.Shape("circle", "red", "large", 0.27, 0.5)], bg)
+    assert np.allclose(image[:, 16, 8], world.COLOURS["red"], atol=1e-6)  # centre of the circle: pure red
+    assert np.allclose(image[:, 2, 30], 0.2)  # far corner: background
+    x, y = world.centroid(image)
+    assert x == pytest.approx(0.27, abs=0.02) and y == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="colour: 'purple' is not a demo-world attribute"):
+        world.random_shape(np.random.default_rng(0), colour="purple")
+
+
+def test_text_encoding_is_fixed_and_rejects_unknown_words():
+    tokens, pooled = text.encode(["large red circle left", "", "the red circle"])
+    again, _ = text.encode("large red circle left")
+    assert torch.equal(tokens[0], again[0])  # deterministic
+    assert tokens.shape == (3, text.MAX_TOKENS, text.EMBED_DIM) and pooled.shape == (3, text.EMBED_DIM)
+    assert not tokens[1].any() and not pooled[1].any()  # empty text = the unconditional input (all zeros)
+    assert text.tokenize("the red circle") == ["red", "circle"] and tokens[2, 2:].abs().sum() == 0
+    words = text._BASIS[: len(text.VOCABULARY)]
+    gram = words @ words.T / text.EMBED_DIM  # every word its own direction: exactly distinguishable
+    assert torch.allclose(gram, torch.eye(len(words)), atol=1e-5)
+    with pytest.raises(ValueError, match=r"text: 'purple' not in the demo vocabulary; valid words: .*circle"):
+        text.encode("purple circle")
+    with pytest.raises(ValueError, match="at most 8"):
+        text.encode("red " * 9)
+
+
+def test_demo_vae_round_trip_is_exact_and_empty_latent_is_grey(host):
+    images = torch.from_numpy(world.sample_images(np.random.default_rng(1), 3).images).movedim(1, -1)
+    prompt = {
+        "load": {"class_type": "TL_LoadDemoModel", "inputs": {"model_name": "shapes_unet_small"}},
+        "empty": {"class_type": "TL_EmptyDemoLatent", "inputs": {"width": 32, "height": 24, "batch_size": 2}},
+        "decode_empty": {"class_type": "VAEDecode", "inputs": {"samples": ["empty", 0], "vae": ["load", 1]}},
+    }
+    out = host.run(prompt)
+    assert out["empty"][0]["samples"].shape == (2, demo_models.LATENT_CHANNELS, 6, 8)
+    assert torch.equal(out["decode_empty"][0], torch.full((2, 24, 32, 3), 0.5))
+    vae = out["load"][1]
+    latent = vae.encode(images)
+    assert latent.shape == (3, 48, 8, 8)
+    assert torch.allclose(vae.decode(latent), images, atol=1e-6)
+    folded = torch.nn.functional.pixel_unshuffle(images.movedim(-1, 1) * 2 - 1, 4)  # the documented layout
+    assert torch.allclose(latent, folded, atol=1e-6)
+    with pytest.raises(ValueError, match="width: must be a multiple of 4"):
+        demo_models.EmptyDemoLatent.execute(30, 32, 1)
+
+
+# ---------------------------------------------------------------- classifier and TL_DemoFeatures
+
+
+def labelled(seed: int, n: int):
+    batch = world.sample_images(np.random.default_rng(seed), n)
+    return torch.from_numpy(batch.images), {k: torch.from_numpy(v) for k, v in batch.labels.items()}
+
+
+def test_shipped_classifier_reads_fresh_scenes():
+    model = demo_features.load_demo_classifier("shapes_attributes")
+    images, labels = labelled(1234, 400)  # a seed the training set never used
+    acc = classifier_mod.accuracy(model, images, labels)
+    assert min(acc.values()) >= CLASSIFIER_FLOOR, acc
+
+
+def test_demo_features_are_differentiable_and_feed_vendi_nodes(host):
+    features = demo_features.DemoFeatures.execute("shapes_attributes").result[0]
+    images, _ = labelled(7, 4)
+    pixels = images.movedim(1, -1).clone().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        f = features.embed(pixels)
+        assert f.shape == (4, 128)
+        f.square().sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert torch.allclose(f.detach(), features.classifier.features(images), atol=1e-5)
+    # TL_VendiScore through the graph: four copies of one scene score 1; four different scenes more
+    prompt = {
+        "features": {"class_type": "TL_DemoFeatures", "inputs": {"features_name": "shapes_attributes"}},
+        "grey": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 4, "color": 0x808080}},
+        "score": {"class_type": "TL_VendiScore", "inputs": {"images": ["grey", 0], "features": ["features", 0]}},
+    }
+    assert host.run(prompt)["score"][0] == pytest.approx(1.0, abs=1e-4)
+    assert vendi.VendiScore.execute(images.movedim(1, -1), features).result[0] > 1.5
+
+
+def test_demo_features_errors():
+    with pytest.raises(ValueError, match="features_name: unknown 'nope'"):
+        demo_features.feature_path("nope")
+    path = demo_features.feature_path("fashion_classes")
+    if not path.is_file():  # until the Fashion-MNIST classifier is trained: a clear error naming the command
+        with pytest.raises(FileNotFoundError, match="features_name: no weights for 'fashion_classes'"):
+            demo_features.DemoFeatures.execute("fashion_classes")
+    else:
+        assert demo_features.DemoFeatures.execute("fashion_classes").result[0].name.startswith("demo:fashion")
+
+
+CLASSIFIER_FLOOR = 0.97
