@@ -1,0 +1,698 @@
+"""Quality of each technique against its baseline on the demo world: attribute accuracy, Fréchet distance in the
+demo classifier's feature space, Vendi score, over several seeds (mean ± sd).
+
+The harness works on any MODEL: a `World` says how to load a model by role, encode a prompt, judge images and
+draw real reference images. `DemoWorld` uses the pack's demo models (TL_LoadDemoModel, TL_DemoTextEncode,
+TL_DemoFeatures); `TinyWorld` uses the test suite's tiny random-weight models and checks the pipeline end to end
+(its figures carry no meaning about quality). A row whose demo model or classifier is missing says
+"pending demo models". Run alone: python bench/quality.py [--tiny] [--seeds N] [experiment ...]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment_line, start_comfyui  # noqa: E402
+
+PENDING = "pending demo models"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((m + m.T) / 2)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a [n, d] and b [m, d] (float64):
+    |mu_a - mu_b|² + tr(C_a + C_b - 2 (C_a^½ C_b C_a^½)^½)."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    c_a, c_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    root_a = _sqrt_psd(c_a)
+    cross = _sqrt_psd(root_a @ c_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(c_a) + torch.trace(c_b) - 2 * torch.trace(cross))
+
+
+def vendi(features: torch.Tensor) -> float:
+    from harness import pack
+
+    return float(pack("guidance.vendi").vendi_score(features))
+
+
+@dataclass
+class Spread:
+    """A figure over seeds: mean ± sample standard deviation."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(float(value))
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values) if self.values else float("nan")
+
+    def format(self, digits: int = 3) -> str:
+        if not self.values:
+            return "—"
+        if len(self.values) == 1:
+            return f"{self.values[0]:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {statistics.stdev(self.values):.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Judges: what an image shows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SceneJudge:
+    """Reads shapes-world scenes without any trained model: the pixels that differ from the border's median colour
+    are the objects (connected components); the largest one's mean colour, centroid, area and fill of its bounding
+    box give colour, position, size and shape. Its own accuracy on real scenes is measured (judge_check)."""
+
+    def __init__(self, world_module) -> None:
+        self.world = world_module
+        self.colours = {k: np.asarray(v) for k, v in world_module.COLOURS.items()}
+        circle_small = np.pi * world_module.SIZES["small"] ** 2
+        circle_large = np.pi * world_module.SIZES["large"] ** 2
+        self.size_split = float(np.sqrt(circle_small * circle_large))  # geometric mean of the two areas
+
+    def _components(self, image: np.ndarray):
+        import scipy.ndimage
+
+        h, w, _ = image.shape
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        background = np.median(border, axis=0)
+        mask = np.abs(image - background).sum(-1) > 0.3
+        labels, count = scipy.ndimage.label(mask)
+        areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        keep = [i + 1 for i, a in enumerate(areas) if a >= max(3, 0.004 * h * w)]
+        return labels, keep, areas
+
+    def count_objects(self, images: torch.Tensor) -> list[int]:
+        return [len(self._components(img)[1]) for img in images.float().cpu().numpy()]
+
+    def attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {key: [] for key in self.world.ATTRIBUTES}
+        for img in images.float().cpu().numpy():
+            h, w, _ = img.shape
+            labels, keep, areas = self._components(img)
+            if not keep:
+                for key in out:
+                    out[key].append("none")
+                continue
+            main = max(keep, key=lambda i: areas[i - 1])
+            ys, xs = np.nonzero(labels == main)
+            rgb = img[ys, xs].mean(0)
+            out["colour"].append(min(self.colours, key=lambda c: float(((self.colours[c] - rgb) ** 2).sum())))
+            cx = (xs.mean() + 0.5) / w
+            out["position"].append(min(self.world.POSITIONS, key=lambda p: abs(self.world.POSITIONS[p] - cx)))
+            area = len(xs) / (h * w)
+            out["size"].append("large" if area > self.size_split else "small")
+            fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+            out["shape"].append("triangle" if fill < 0.66 else "circle" if fill < 0.9 else "square")
+        return out
+
+
+class ClassifierJudge:
+    """The demo world's trained attribute classifier (TL_DemoFeatures): its embedding and its predictions."""
+
+    def __init__(self, extractor) -> None:
+        self.extractor = extractor
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.extractor.embed(images).double()
+
+    def attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
+        with torch.no_grad():
+            return self.extractor.classifier.predict(images[..., :3].movedim(-1, 1).float())
+
+
+def adherence(predicted: dict[str, list[str]], wanted: list[dict[str, str]]) -> float:
+    """Fraction of images whose every prompted attribute is what the judge sees."""
+    hits = [all(predicted[key][i] == value for key, value in want.items()) for i, want in enumerate(wanted)]
+    return sum(hits) / max(len(hits), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worlds: models by role, prompts, judges, reference images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class World:
+    name = "world"
+    note = ""
+    pixels = 32  # generated image side
+    roles: dict[str, str] = {}
+
+    def generate(self, model, vae, positive, negative, **options) -> torch.Tensor:
+        return generate(model, vae, positive, negative, pixels=self.pixels, **options)
+
+    def load(self, role: str):  # -> (MODEL, VAE)
+        raise NotImplementedError
+
+    def encode(self, text: str, role: str) -> list:
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def count_objects(self, images: torch.Tensor) -> list[int]:
+        raise NotImplementedError
+
+    def reference_features(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DemoWorld(World):
+    name = "demo shapes world"
+    roles = {"unet_small": "shapes_unet_small", "unet_large": "shapes_unet_large", "dit_flow": "shapes_dit_flow",
+             "video": "shapes_video_wan"}  # fmt: skip
+
+    def __init__(self) -> None:
+        from harness import pack
+
+        self.models = pack("nodes.demo_models")
+        self.world = pack("demo.shapes_world")
+        self.scene = SceneJudge(self.world)
+        self._judge: ClassifierJudge | None = None
+        try:
+            self._judge = ClassifierJudge(pack("nodes.demo_features").DemoClassifierExtractor("shapes_attributes"))
+            self.note = "judge: the demo attribute classifier (TL_DemoFeatures shapes_attributes)"
+        except (FileNotFoundError, ImportError, AttributeError) as error:
+            self.note = f"judge: classifier-free scene reader (demo classifier unavailable: {error})"
+
+    def load(self, role):
+        return self.models.load_demo_model(self.roles[role])
+
+    def encode(self, text, role):
+        return self.models.demo_conditioning(text)
+
+    def features(self, images):
+        if self._judge is not None:
+            return self._judge.features(images)
+        return torch.nn.functional.adaptive_avg_pool2d(images.movedim(-1, 1).double(), 8).flatten(1)
+
+    def attributes(self, images):
+        return (self._judge or self.scene).attributes(images)
+
+    def count_objects(self, images):
+        return self.scene.count_objects(images)
+
+    def real_images(self, n: int, seed: int = 12345) -> tuple[torch.Tensor, dict[str, list[str]]]:
+        batch = self.world.sample_images(np.random.default_rng(seed), n)
+        labels = {k: [self.world.ATTRIBUTES[k][i] for i in v] for k, v in batch.labels.items()}
+        return torch.from_numpy(batch.images).movedim(1, -1), labels
+
+    def reference_features(self, n):
+        return self.features(self.real_images(n)[0])
+
+
+class TinyWorld(World):
+    """The test suite's tiny random-weight models: the pipeline runs, the numbers mean nothing."""
+
+    name = "tiny random-weight models (pipeline check)"
+    pixels = 64
+    note = "judge: scene reader on random images; reference = the large model's own unguided samples"
+    roles = {"unet_small": "sd15", "unet_large": "sd15", "dit_flow": "sd3"}
+
+    def __init__(self) -> None:
+        import tiny_models
+        from harness import pack
+
+        self.tiny = tiny_models
+        self.scene = SceneJudge(pack("demo.shapes_world"))
+
+    def load(self, role):
+        arch = self.roles[role]
+        seed = 5 if role == "unet_small" else 0
+        latent_channels = self.tiny.latent_shape(arch)[1]
+        return self.tiny.build_tiny_model(arch, seed=seed), self.tiny.build_tiny_vae(latent_channels)
+
+    def encode(self, text, role):
+        if not text:
+            cond = self.tiny.tiny_conditioning(self.roles[role], 0)
+            return [[torch.zeros_like(cond[0][0]), {k: torch.zeros_like(v) for k, v in cond[0][1].items()}]]
+        return self.tiny.tiny_conditioning(self.roles[role], zlib.crc32(text.encode()) % 10_000 + 1)
+
+    def features(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.movedim(-1, 1).double(), 8).flatten(1)
+
+    def attributes(self, images):
+        return self.scene.attributes(images)
+
+    def count_objects(self, images):
+        return self.scene.count_objects(images)
+
+    def reference_features(self, n):
+        model, vae = self.load("unet_large")
+        empty = self.encode("", "unet_large")
+        return self.features(self.generate(model, vae, empty, empty, seed=999, batch=n, cfg=1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def latent_for(model, vae, batch: int, pixels: int = 32) -> torch.Tensor:
+    import comfy.latent_formats  # noqa: F401
+
+    channels = model.get_model_object("latent_format").latent_channels
+    ratio = vae.downscale_ratio if isinstance(vae.downscale_ratio, int) else 8
+    return torch.zeros(batch, channels, pixels // ratio, pixels // ratio)
+
+
+def generate(model, vae, positive, negative, *, seed: int, batch: int, steps: int = 20, cfg: float = 4.0,
+             sampler: str = "euler", scheduler: str = "normal", pixels: int = 32, guider=None, sampler_obj=None,
+             sigmas=None) -> torch.Tensor:  # fmt: skip
+    """IMAGE [B, H, W, 3] from noise: ComfyUI's KSampler path, or a GUIDER / SAMPLER object when given."""
+    import comfy.sample
+    import comfy.samplers
+
+    latent = latent_for(model, vae, batch, pixels)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        if guider is None and sampler_obj is None:
+            out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                      seed=seed, disable_pbar=True)  # fmt: skip
+        else:
+            if sigmas is None:
+                sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+            if guider is None:
+                guider = comfy.samplers.CFGGuider(model)
+                guider.set_conds(positive, negative)
+                guider.set_cfg(cfg)
+            sampler_obj = sampler_obj or comfy.samplers.sampler_object(sampler)
+            out = guider.sample(noise, latent, sampler_obj, sigmas, seed=seed, disable_pbar=True)
+        return vae.decode(out).clamp(0, 1).float()
+
+
+@dataclass
+class Row:
+    experiment: str
+    variant: str
+    figures: dict[str, Spread] = field(default_factory=dict)
+    note: str = ""
+
+    def add(self, key: str, value: float) -> None:
+        self.figures.setdefault(key, Spread()).add(value)
+
+
+def score(world: World, row: Row, images: torch.Tensor, wanted: list[dict[str, str]], reference) -> None:
+    row.add("adherence", adherence(world.attributes(images), wanted))
+    feats = world.features(images)
+    row.add("FD", frechet_distance(feats, reference))
+    row.add("Vendi", vendi(feats))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experiments: each returns rows (one per variant), figures over seeds
+# ---------------------------------------------------------------------------------------------------------------
+
+PROMPTS = [("red circle", {"colour": "red", "shape": "circle"}), ("blue square", {"colour": "blue", "shape": "square"}),
+           ("green triangle", {"colour": "green", "shape": "triangle"}),
+           ("yellow circle", {"colour": "yellow", "shape": "circle"})]  # fmt: skip
+PER_PROMPT = 8
+
+
+def prompt_batch(world: World, role: str, variant_fn, seed: int) -> tuple[torch.Tensor, list[dict], float]:
+    """Images for every prompt (PER_PROMPT each) from variant_fn(positive, negative, seed) and the seconds spent."""
+    images, wanted, seconds = [], [], 0.0
+    negative = world.encode("", role)
+    for k, (text, want) in enumerate(PROMPTS):
+        started = time.perf_counter()
+        images.append(variant_fn(world.encode(text, role), negative, seed * 100 + k))
+        seconds += time.perf_counter() - started
+        wanted += [want] * PER_PROMPT
+    return torch.cat(images), wanted, seconds
+
+
+def run_variants(world: World, experiment: str, role: str, variants: dict[str, Callable], seeds, reference) -> list:
+    rows = {name: Row(experiment, name) for name in variants}
+    for seed in seeds:
+        for name, fn in variants.items():
+            images, wanted, seconds = prompt_batch(world, role, fn, seed)
+            score(world, rows[name], images, wanted, reference)
+            rows[name].add("s per image", seconds / len(wanted))
+    return list(rows.values())
+
+
+def exp_pag(world: World, seeds, reference) -> list[Row]:
+    import comfy_extras.nodes_pag
+    from harness import pack
+
+    pag = pack("nodes.perturbed_attention")
+    rows = []
+    for role, label in (("unet_large", "UNet"), ("dit_flow", "DiT")):
+        model, vae = world.load(role)
+        variants: dict[str, object] = {"CFG only": model,
+                                       "ours PAG 3.0": pag.apply_perturbed_attention(model, 3.0, 0.0, "auto", 0.0, 1.0,
+                                                                                    0.0, True)}  # fmt: skip
+        if role.startswith("unet"):
+            builtin = comfy_extras.nodes_pag.PerturbedAttentionGuidance
+            variants["built-in PAG 3.0"] = builtin.execute(model, 3.0).result[0]
+
+        def fn(m, vae=vae):
+            return lambda pos, neg, seed: world.generate(m, vae, pos, neg, seed=seed, batch=PER_PROMPT, cfg=3.0)
+
+        rows += run_variants(world, f"PAG ({label})", role, {k: fn(m) for k, m in variants.items()}, seeds, reference)
+    return rows
+
+
+def exp_tstitch(world: World, seeds, reference, ratios=(0.0, 0.2, 0.4, 0.6, 1.0)) -> list[Row]:
+    from harness import pack
+
+    ts = pack("nodes.trajectory_stitching")
+    small, vae = world.load("unet_small")
+    large, _ = world.load("unet_large")
+    variants = {}
+    for r in ratios:
+        model = ts.TStitchModel.execute(small, large, r, "steps").result[0]
+        name = "large only (r = 0)" if r == 0 else "small only (r = 1)" if r == 1 else f"T-Stitch r = {r:g}"
+        variants[name] = lambda pos, neg, seed, m=model: world.generate(m, vae, pos, neg, seed=seed, batch=PER_PROMPT)
+    return run_variants(world, "T-Stitch", "unet_large", variants, seeds, reference)
+
+
+def run_fixed(world: World, experiment: str, variants: dict[str, Callable], want: dict, seeds, reference) -> list:
+    """Variants that each make one batch for a fixed prompt: variants[name](seed) -> (images, seconds)."""
+    rows = {name: Row(experiment, name) for name in variants}
+    for seed in seeds:
+        for name, fn in variants.items():
+            images, seconds = fn(seed)
+            rows[name].add("s per image", seconds / images.shape[0])
+            score(world, rows[name], images, [want] * images.shape[0], reference)
+    return list(rows.values())
+
+
+def timed_images(fn) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    images = fn()
+    return images, time.perf_counter() - started
+
+
+def exp_fkc_and(world: World, seeds, reference, particles: int = 8) -> list[Row]:
+    """'red' AND 'circle' as a product of two prompts (TL_FKCGuider positive + positive_2, cfg w each): the
+    plain composed CFG (the same guider with euler_ancestral) vs FKC with `particles` per image."""
+    import comfy.samplers
+    from harness import pack
+
+    fk = pack("nodes.feynman_kac")
+    role = "unet_large"
+    model, vae = world.load(role)
+    red, circle, empty = world.encode("red", role), world.encode("circle", role), world.encode("", role)
+    guider = fk.FKCGuider.execute(model, red, empty, 3.0, 1.0, circle, None).args[0]
+    samplers = {
+        "composed CFG, euler_ancestral (no correction)": comfy.samplers.sampler_object("euler_ancestral"),
+        f"FKC, {particles} particles per image": fk.FKCSampler.execute(particles, "target", "every_step", 0.5,
+                                                                       "best").args[0],
+    }  # fmt: skip
+    batch = 2 * PER_PROMPT
+
+    def run(sampler):
+        return lambda seed: timed_images(
+            lambda: world.generate(model, vae, None, None, seed=seed, batch=batch, guider=guider, sampler_obj=sampler)
+        )
+
+    variants = {name: run(sampler) for name, sampler in samplers.items()}
+    return run_fixed(world, "FKC AND", variants, {"colour": "red", "shape": "circle"}, seeds, reference)
+
+
+def exp_fkc_anneal(world: World, seeds, reference, particles: int = 8) -> list[Row]:
+    """'red circle' at cfg 3 annealed with beta 2 (target (q_u^-2 q_c^3)^2): plain CFG 3, the annealed score without
+    correction (euler_ancestral), and FKC."""
+    import comfy.samplers
+    from harness import pack
+
+    fk = pack("nodes.feynman_kac")
+    role = "unet_large"
+    model, vae = world.load(role)
+    positive, empty = world.encode("red circle", role), world.encode("", role)
+    annealed = fk.FKCGuider.execute(model, positive, empty, 3.0, 2.0, None, None).args[0]
+    ancestral = comfy.samplers.sampler_object("euler_ancestral")
+    fkc = fk.FKCSampler.execute(particles, "target", "every_step", 0.5, "best").args[0]
+    batch = 2 * PER_PROMPT
+
+    def run(**options):
+        return lambda seed: timed_images(lambda: world.generate(model, vae, positive, empty, seed=seed, batch=batch,
+                                                                **options))  # fmt: skip
+
+    variants = {
+        "CFG 3, euler_ancestral (beta 1)": run(cfg=3.0, sampler="euler_ancestral"),
+        "beta 2, euler_ancestral (no correction)": run(guider=annealed, sampler_obj=ancestral),
+        f"beta 2, FKC {particles} particles": run(guider=annealed, sampler_obj=fkc),
+    }
+    return run_fixed(world, "FKC annealing", variants, {"colour": "red", "shape": "circle"}, seeds, reference)
+
+
+def exp_flowturbo(world: World, seeds, reference) -> list[Row]:
+    """The flow DiT at cfg 4 with 15 model calls per image each way (Euler 15, Heun 8, FlowTurbo H1P13), and
+    Euler 30 (twice the calls) as the better-converged reference; 'simple' schedule."""
+    import comfy.samplers
+    from harness import pack
+
+    ftn = pack("nodes.flowturbo")
+    role = "dit_flow"
+    model, vae = world.load(role)
+    plans = {"Euler 15 steps": ("euler", 15), "Heun 8 steps (15 calls)": ("heun", 8),
+             "FlowTurbo H1P13 (15 calls)": (ftn.FlowTurboSampler.execute(1, 0).result[0], 14),
+             "Euler 30 steps (2× calls)": ("euler", 30)}  # fmt: skip
+    variants = {}
+    for name, (sampler, steps) in plans.items():
+        obj = comfy.samplers.sampler_object(sampler) if isinstance(sampler, str) else sampler
+        variants[name] = lambda pos, neg, seed, obj=obj, steps=steps: world.generate(
+            model, vae, pos, neg, seed=seed, batch=PER_PROMPT, steps=steps, cfg=4.0, sampler_obj=obj,
+            scheduler="simple")  # fmt: skip
+    return run_variants(world, "FlowTurbo", role, variants, seeds, reference)
+
+
+def exp_cvsg(world: World, seeds, reference, scales=(0.0, 0.05, 0.1)) -> list[Row]:
+    """'red circle' x 2·PER_PROMPT generated one after another (batch_mode sequential) with TL_VendiGuider at cfg 3,
+    every 5th step, demo-classifier features, a fresh memory bank per run, no exemplars: diversity vs adherence."""
+    from harness import pack
+
+    vn, bank = pack("nodes.vendi"), pack("nodes.vendi_bank")
+    features = pack("nodes.demo_features").DemoClassifierExtractor("shapes_attributes")
+    role = "unet_large"
+    model, vae = world.load(role)
+    positive, empty = world.encode("red circle", role), world.encode("", role)
+    batch = 2 * PER_PROMPT
+
+    def run(scale):
+        def one(seed):
+            name = f"evidence_{seed}_{scale:g}"
+            bank.MemoryBank(name).clear()
+            guider = vn.VendiGuider.execute(model, positive, empty, 3.0, scale, 2.0, 5, name, features=features,
+                                            vae=vae, update_bank=False).result[0]  # fmt: skip
+            return timed_images(lambda: world.generate(model, vae, None, None, seed=seed, batch=batch, guider=guider))
+
+        return one
+
+    variants = {("plain CFG 3 (scale 0)" if s == 0 else f"c-VSG scale {s:g}"): run(s) for s in scales}
+    return run_fixed(world, "c-VSG", variants, {"colour": "red", "shape": "circle"}, seeds, reference)
+
+
+def exp_diffusehigh(world: World, seeds, reference) -> list[Row]:
+    """'red circle' at twice the training size (64²): direct sampling at 64², plain upscale + img2img (ComfyUI's
+    VAEDecode → ImageScale bicubic → VAEEncode → KSampler, denoise 0.3) of a 32² base, and TL_DiffuseHigh from the
+    same base. duplicates = fraction of images with more than one object."""
+    import diffusehigh_speed as dhs
+    from harness import pack
+
+    dh = pack("nodes.diffusehigh")
+    role = "unet_large"
+    model, vae = world.load(role)
+    positive, empty = world.encode("red circle", role), world.encode("", role)
+    batch = 2 * PER_PROMPT
+    big = world.pixels * 2
+
+    def base(seed):
+        with torch.inference_mode():
+            return vae.encode(world.generate(model, vae, positive, empty, seed=seed, batch=batch, cfg=dhs.CFG))
+
+    def direct(seed):
+        return world.generate(model, vae, positive, empty, seed=seed, batch=batch, cfg=dhs.CFG, pixels=big)
+
+    def plain(seed):
+        with torch.inference_mode():
+            return vae.decode(dhs.plain_chain(model, vae, positive, empty, {"samples": base(seed)}, 1)).clamp(0, 1)
+
+    def diffusehigh(seed):
+        with torch.inference_mode():
+            out = dh.DiffuseHigh.execute(model=model, positive=positive, negative=empty, vae=vae,
+                                         latent={"samples": base(seed)}, scale_factor=2.0, stages=1,
+                                         denoise=dhs.DENOISE, dwt_steps=dhs.DWT_STEPS, wavelet="db4", sharpen=1.0,
+                                         seed=seed, steps=dhs.STEPS, cfg=dhs.CFG, sampler_name="euler",
+                                         scheduler="normal").result[0]["samples"]  # fmt: skip
+            return vae.decode(out).clamp(0, 1)
+
+    variants = {f"direct {big}² sampling": direct, "plain upscale + img2img": plain, "DiffuseHigh": diffusehigh}
+    rows = run_fixed(world, "DiffuseHigh", {k: lambda seed, f=f: timed_images(lambda: f(seed)) for k, f in
+                                            variants.items()}, {"colour": "red", "shape": "circle"}, seeds,
+                     reference)  # fmt: skip
+    for row, fn in zip(rows, variants.values(), strict=True):  # object counts on the same seeds (recomputed)
+        for seed in seeds:
+            counts = world.count_objects(fn(seed))
+            row.add("duplicates", sum(c > 1 for c in counts) / len(counts))
+    return rows
+
+
+def exp_video(world: World, seeds, reference) -> list[Row]:
+    """Three prompts, one segment each ('red circle moves right', 'red circle moves down', 'red circle moves
+    left'): TL_MultiTextVideo vs the segments generated independently (same seeds). boundary jump = mean |last frame
+    of a segment − first frame of the next| / mean |consecutive frames within segments| (1 = as smooth as inside a
+    segment); adherence = each segment's frames classified as a red circle."""
+    from harness import pack
+
+    mtv = pack("nodes.multitext_video")
+    models = pack("nodes.demo_models")
+    role = "video"
+    model, vae = world.load(role)
+    texts = ("red circle moves right", "red circle moves down", "red circle moves left")
+    conds = tuple(world.encode(t, role) for t in texts)
+    empty = world.encode("", role)
+    shape = (1, *models.DEMO_MODELS[world.roles[role]].shape)
+    steps, cfg = 20, 4.0
+
+    def frames(latent):
+        video = vae.decode(latent).clamp(0, 1)  # [T, H, W, 3] or [1, T, H, W, 3]
+        return video.reshape(-1, *video.shape[-3:])
+
+    def multitext(seed):
+        prompts = mtv.PromptSequence(conds, texts)
+        out = mtv.MultiTextVideo.execute(model, vae, prompts, empty, {"samples": torch.zeros(shape)}, seed, steps,
+                                         cfg, 0.5, True, 7.0).result[0]["samples"]  # fmt: skip
+        return frames(out).chunk(len(texts))
+
+    def independent(seed):
+        import comfy.sample
+
+        out = []
+        for k, cond in enumerate(conds):
+            latent = torch.zeros(shape)
+            noise = comfy.sample.prepare_noise(latent, seed + k)
+            with torch.inference_mode():
+                sampled = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, empty, latent,
+                                              seed=seed + k, disable_pbar=True)  # fmt: skip
+                out.append(frames(sampled))
+        return out
+
+    rows = []
+    for name, fn in (("independent segments", independent), ("TL_MultiTextVideo", multitext)):
+        row = Row("multi-text video", name)
+        for seed in seeds:
+            started = time.perf_counter()
+            segments = fn(seed)
+            row.add("s per image", (time.perf_counter() - started) / sum(s.shape[0] for s in segments))
+            inside = torch.cat([(s[1:] - s[:-1]).abs().mean((1, 2, 3)) for s in segments]).mean()
+            jumps = torch.stack(
+                [(a[-1] - b[0]).abs().mean() for a, b in zip(segments[:-1], segments[1:], strict=True)]
+            ).mean()
+            row.add("boundary jump", float(jumps / inside.clamp_min(1e-8)))
+            all_frames = torch.cat(segments)
+            row.add("adherence", adherence(world.attributes(all_frames), [{"colour": "red", "shape": "circle"}]
+                                           * all_frames.shape[0]))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+EXPERIMENTS: dict[str, tuple[Callable, str]] = {
+    "pag": (exp_pag, "PAG vs CFG only vs ComfyUI's built-in PAG (cfg 3, PAG scale 3, euler 20 steps)"),
+    "tstitch": (exp_tstitch, "T-Stitch: small model for the first r of 20 euler steps, then the large one"),
+    "fkc_and": (exp_fkc_and, "FKC AND-composition 'red' AND 'circle' (cfg 3 per prompt): adherence = success rate"),
+    "fkc_anneal": (exp_fkc_anneal, "FKC annealing: 'red circle', cfg 3, beta 2 (the sharpened CFG target)"),
+    "flowturbo": (exp_flowturbo, "FlowTurbo vs Euler / Heun at equal model calls (equal wall time) on the flow DiT"),
+    "cvsg": (exp_cvsg, "c-VSG: diversity (Vendi) vs adherence as the guidance scale grows"),
+    "diffusehigh": (exp_diffusehigh, "DiffuseHigh vs direct high-res sampling and vs plain upscale + img2img"),
+    "video": (exp_video, "Multi-text video: boundary continuity and per-segment adherence"),
+}
+
+
+def table(rows: list[Row]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r.figures))
+    lines = ["| experiment | variant | " + " | ".join(keys) + " | note |", "|---|---|" + "--:|" * len(keys) + "---|"]
+    for r in rows:
+        cells = [r.figures[k].format(4 if k == "s per image" else 3) if k in r.figures else "—" for k in keys]
+        lines.append(f"| {r.experiment} | {r.variant} | " + " | ".join(cells) + f" | {r.note} |")
+    return lines
+
+
+def quality_section(seeds: int = 3, world: World | None = None, names=None) -> str:
+    """Markdown for the quality experiments on `world` (default: the demo world, the tiny models as a pipeline check
+    when no demo weights exist)."""
+    world = world or DemoWorld()
+    seed_list = list(range(seeds))
+    started = time.perf_counter()
+    reference = world.reference_features(256)
+    lines = [
+        f"### {world.name}",
+        "",
+        f"{environment_line('cpu')}. {world.note}. Seeds {seed_list}: mean ± sd. adherence = fraction of images "
+        "showing every prompted attribute; FD = Fréchet distance to real scenes in the judge's feature space (lower "
+        "is closer); Vendi = Vendi score of the generated set (higher is more diverse); s per image = wall time.",
+        "",
+    ]
+    rows: list[Row] = []
+    for name in names or EXPERIMENTS:
+        fn, description = EXPERIMENTS[name]
+        t0 = time.perf_counter()
+        try:
+            rows += fn(world, seed_list, reference)
+        except (FileNotFoundError, KeyError) as error:  # weights not trained yet, or the model not defined yet
+            rows.append(Row(description.split(":")[0], "—", note=f"{PENDING} ({str(error)[:80]})"))
+        print(f"quality {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        lines.append(f"- {name}: {description}")
+    lines += ["", *table(rows), "", f"({time.perf_counter() - started:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def judge_check(world: DemoWorld, n: int = 256) -> str:
+    """Accuracy of the judges on real scenes with known labels: the ceiling of every adherence figure."""
+    images, labels = world.real_images(n, seed=777)
+    lines = ["| judge | " + " | ".join(labels) + " |", "|---|" + "--:|" * len(labels)]
+    judges = {"scene reader (no training)": world.scene}
+    if world._judge is not None:
+        judges["demo classifier"] = world._judge
+    for name, judge in judges.items():
+        got = judge.attributes(images)
+        acc = [sum(a == b for a, b in zip(got[k], labels[k], strict=True)) / n for k in labels]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny random-weight models (pipeline check)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("experiments", nargs="*", help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start_comfyui("cpu")
+    chosen = TinyWorld() if args.tiny else DemoWorld()
+    if isinstance(chosen, DemoWorld):
+        print(judge_check(chosen))
+    print(quality_section(args.seeds, chosen, args.experiments or None))
