@@ -41,8 +41,9 @@ VARIANTS = ("CFG", "built-in PAG", "ours batched", "ours unbatched")
 TINY_ARCHS = ("sd15", "sdxl", "sd3", "flux", "wan21")
 
 
-def cases(device: str):
-    """(name, MODEL, positive, negative, latent shape for a batch) per benchmarked model, built lazily."""
+def cases(device: str, models=None):
+    """(name, MODEL, positive, negative, latent shape for a batch) per benchmarked model (`models`: names of
+    FULL_SIZE to keep on cuda), built lazily."""
     if device == "cpu":
         import tiny_models
 
@@ -51,6 +52,8 @@ def cases(device: str):
             yield f"{arch} (tiny)", tiny_models.build_tiny_model(arch), *conds, partial(tiny_models.latent_shape, arch)
         return
     for name, (cls_name, dtype, unet_config, latent, tokens, width, pooled) in FULL_SIZE.items():
+        if models is not None and name not in models:
+            continue
         started = time.perf_counter()
         model = build_full_size(cls_name, dtype, unet_config)
         print(f"{name}: built in {time.perf_counter() - started:.1f} s", flush=True)
@@ -74,20 +77,20 @@ def sample_timed(model, positive, negative, shape, sync) -> tuple[float, torch.T
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1), out.float()
 
 
-def bench(device: str, repeats: int) -> list[dict]:
+def bench(device: str, repeats: int, models=None, batches=BATCHES) -> list[dict]:
     pag, builtin = start_comfyui(device)
     import comfy.model_management as mm
 
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     rows = []
-    for name, model, positive, negative, latent_shape in cases(device):
+    for name, model, positive, negative, latent_shape in cases(device, models):
         variants = {
             "CFG": model,
             "built-in PAG": builtin.execute(model, PAG_SCALE).result[0],
             "ours batched": pag.apply_perturbed_attention(model, PAG_SCALE, 0.0, "auto", 0.0, 1.0, 0.0, True),
             "ours unbatched": pag.apply_perturbed_attention(model, PAG_SCALE, 0.0, "auto", 0.0, 1.0, 0.0, False),
         }
-        for batch in BATCHES:
+        for batch in batches:
             shape = latent_shape(batch)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             with torch.inference_mode():
