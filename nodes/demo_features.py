@@ -35,7 +35,7 @@ DEMO_FEATURES: dict[str, DemoFeatureSpec] = {
     "fashion_classes": DemoFeatureSpec(
         "fashion_classifier.safetensors",
         "Fashion-MNIST: 10-class classifier embedding",
-        f"{TRAIN_COMMAND} fashion_classifier",
+        "python scripts/train_fashion_model.py classifier",
     ),
 }
 
