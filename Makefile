@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make demo   run ComfyUI headless with the pack and write an image to out/
 #   make test   lint, format check, type check, then the whole test suite in a real ComfyUI
+# The browser tests need Debian's chromium: `make browser` installs it (as root; .ci/run does it first).
+# `make workflows` rebuilds example_workflows/ through the real frontend.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Small CPU convolutions run ~100x slower with 2 threads on 2-core machines (shared/HOST.md).
 export OMP_NUM_THREADS := 1
 
-.PHONY: test demo lint comfyui clean
+.PHONY: test demo lint comfyui clean browser workflows
 
 $(STAMP): requirements-test.txt scripts/torchvision_shim.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,12 @@ test: comfyui lint
 
 demo: comfyui
 	$(BIN)/python scripts/demo.py
+
+browser:
+	bash scripts/browser_setup.sh
+
+workflows: comfyui
+	PYTHONPATH=scripts $(BIN)/python scripts/example_workflow_builder.py
 
 clean:
 	rm -rf $(VENV) .cache out

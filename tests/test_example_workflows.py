@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ODD_PACK_FOLDER
+from example_workflow_builder import API_DIR, EXAMPLES_DIR, FRONTEND_ONLY_NODES, workflows
 from PIL import Image
-
-from example_workflows import API_DIR, EXAMPLES_DIR, FRONTEND_ONLY_NODES, workflows
 
 NAMES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
 # Loader inputs that name a model file, and the models/ folder each lists (the files do not exist here).

@@ -110,3 +110,31 @@ def test_boundary_check_catches_a_host_import():
     # The checker itself must be able to fail: a core module importing the host is flagged.
     source = "import comfy.samplers\nimport torch\nfrom folder_paths import get_folder_paths\nfrom .x import y\n"
     assert host_imports(source) == ["comfy.samplers", "folder_paths"]
+
+
+def comfy_node_validate(cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """The registry's own pre-publish check (comfy-cli), offline, with its settings kept in a scratch HOME."""
+    comfy = Path(sys.executable).parent / "comfy"
+    env = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "NO_COLOR": "1"}
+    return subprocess.run(
+        [str(comfy), "--skip-prompt", "--no-json", "node", "validate"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_comfy_node_validate_passes(tmp_path):
+    result = comfy_node_validate(PACK_ROOT, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # No security warnings either (exec/eval, several statements on one line): they are not fatal yet.
+    assert "All validation checks passed" in result.stdout, result.stdout
+
+
+def test_comfy_node_validate_can_fail(tmp_path):
+    # The same check rejects metadata without a version.
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "pyproject.toml").write_text(
+        (PACK_ROOT / "pyproject.toml").read_text().replace('version = "', 'version = "" # was "', 1)
+    )
+    result = comfy_node_validate(pack, tmp_path)
+    assert result.returncode != 0 and "version" in result.stdout + result.stderr, result.stdout + result.stderr

@@ -6,8 +6,8 @@ user's ComfyUI saves (UI format, example_workflows/<name>.json) and exports for 
 example_workflows/api/<name>.json; ComfyUI's template browser lists only the top folder). Thumbnails
 (<name>.jpg) are screenshots of the laid-out graph.
 
-    .venv/bin/python scripts/example_workflows.py            # rewrite every workflow
-    .venv/bin/python scripts/example_workflows.py pag_sdxl   # only these
+    .venv/bin/python scripts/example_workflow_builder.py            # rewrite every workflow
+    .venv/bin/python scripts/example_workflow_builder.py pag_sdxl   # only these
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ async (spec) => {
   }
   graph.setDirtyCanvas(true, true);
   const prompt = await app.graphToPrompt();
-  return { ui: graph.serialize(), api: prompt.output };
+  // As the frontend writes a file: JSON.stringify drops undefined fields (playwright would turn them into null).
+  return JSON.stringify({ ui: graph.serialize(), api: prompt.output });
 }
 """
 
@@ -420,7 +421,7 @@ def build(selected: list[str]) -> None:
         context = launch(p)
         page, _ = open_comfyui(context, server.url)
         for w in chosen:
-            result = page.evaluate(BUILD_JS, spec_json(w))
+            result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
             write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
             write_atomic(API_DIR / f"{w.name}.json", dumps(result["api"]))
             write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", thumbnail(page))

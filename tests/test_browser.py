@@ -1,0 +1,224 @@
+"""The pack in the real ComfyUI frontend (comfyui-frontend-package) in headless Chromium.
+
+Every example workflow is dropped onto the page (the frontend's own file handler), must load with every node
+known and every widget value in place, and must give the frontend's prompt exactly the saved API copy. The
+extension's timelines draw what the widgets say, the FKC sampler plots the ESS its events report after a run
+queued from the page, and the demo workflows run from the page to images. Screenshots go to out/browser/.
+
+Chromium must be installed (`bash scripts/browser_setup.sh`; `.ci/run` does it): without it these tests fail.
+"""
+
+import json
+
+import pytest
+from browser import launch, open_comfyui
+from comfy_host import PACK_ROOT
+from example_workflow_builder import API_DIR, BUILD_JS, EXAMPLES_DIR, N, Workflow, custom_sampling, spec_json, workflows
+
+ARTIFACTS = PACK_ROOT / "out" / "browser"
+NAMES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
+DEMO_NAMES = sorted(w.name for w in workflows() if w.demo)
+TIMELINE_NODES = {
+    "TL_PerturbedAttention", "TL_FKCSampler", "TL_VendiGuider", "TL_TStitchModel", "TL_TStitchGuider",
+    "TL_TStitchChain",
+}  # fmt: skip
+# Console noise of the frontend itself on a closed network (the registry, the core template package).
+IGNORED_ERRORS = ("Content Security Policy", "Failed to load resource", "Error loading core workflow templates")
+
+DROP_JS = """
+async ([name, text]) => {
+  const app = window.app;
+  // Start with no toast from earlier steps (closing one animates: wait until it is gone).
+  for (let i = 0; i < 50 && document.querySelector(".p-toast-message"); i++) {
+    document.querySelectorAll(".p-toast-close-button").forEach((b) => b.click());
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await app.handleFile(new File([text], `${name}.json`, { type: "application/json" }));
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const registered = window.LiteGraph.registered_node_types;
+  const dialogs = [...document.querySelectorAll(".p-dialog, .p-toast-message")].map((d) => d.innerText);
+  const nodes = app.graph.nodes.map((node) => {
+    const timeline = node.widgets?.find((w) => w.name === "trajectory_timeline");
+    return {
+      id: node.id, type: node.type, known: !!registered[node.type], errors: !!node.has_errors,
+      widgets: node.widgets?.map((w) => w.name) ?? [],
+      timeline: timeline ? { spans: timeline.timeline?.spans ?? null, draws: timeline.draws } : null,
+    };
+  });
+  const saved = app.graph.serialize();
+  const prompt = await app.graphToPrompt();
+  return JSON.stringify({ nodes, dialogs, saved, api: prompt.output });
+}
+"""
+
+QUEUE_JS = """
+async ([timeoutMs]) => {
+  const app = window.app, api = app.api;
+  const done = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("no execution_success in time")), timeoutMs);
+    api.addEventListener("execution_success", (e) => { clearTimeout(timer); resolve(e.detail); }, { once: true });
+    api.addEventListener("execution_error", (e) => {
+      clearTimeout(timer);
+      reject(new Error(`execution_error: ${e.detail.exception_message}`));
+    }, { once: true });
+  });
+  const raw = [];
+  const record = (e) => raw.push(e.detail);
+  api.addEventListener("trajectory_lab.fkc_step", record);
+  await app.queuePrompt(0, 1);
+  if (app.lastNodeErrors && Object.keys(app.lastNodeErrors).length)
+    throw new Error(`prompt rejected: ${JSON.stringify(app.lastNodeErrors).slice(0, 2000)}`);
+  try { await done; } finally { api.removeEventListener("trajectory_lab.fkc_step", record); }
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const outputs = {};
+  for (const node of app.graph.nodes) {
+    const images = app.nodeOutputs?.[String(node.id)]?.images;
+    if (images) outputs[node.id] = images;
+  }
+  return { raw, outputs };
+}
+"""
+
+FKC_STATE_JS = """
+() => window.app.graph.nodes.filter((n) => n.type === "TL_FKCSampler").map((node) => {
+  const widget = node.widgets.find((w) => w.name === "trajectory_timeline");
+  return { id: node.id, draws: widget.draws, height: widget.computeSize(node.size[0])[1], size: node.size };
+})
+"""
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        context = launch(p)  # fails (not skips) without Chromium: the message says how to install it
+        page, errors = open_comfyui(context, server.url)
+        page.console_errors = errors
+        yield page
+        context.close()
+
+
+def frontend_errors(page) -> list[str]:
+    return [e for e in page.console_errors if not any(noise in e for noise in IGNORED_ERRORS)]
+
+
+def expected_spans(class_type: str, inputs: dict, linked: set[str]) -> list[tuple[float, float]]:
+    """The trajectory spans a node's timeline must show, from its widget values (0 = first step, 1 = last)."""
+    windows = {
+        "TL_PerturbedAttention": ("start_percent", "end_percent"),
+        "TL_FKCSampler": ("resample_start_percent", "resample_end_percent"),
+        "TL_VendiGuider": ("start_percent", "end_percent"),
+    }
+    if class_type in windows:
+        start, end = (inputs[name] for name in windows[class_type])
+        return [(start, end)] if end > start else []
+    if class_type == "TL_TStitchChain":
+        models = 2 + ("model_3" in linked) + ("model_3" in linked and "model_4" in linked)
+        switches = [inputs[f"switch_{i}"] for i in range(1, models)]
+    else:
+        switches = [inputs["small_fraction"]]
+    edges = [0.0, *switches, 1.0]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def test_extension_is_registered_without_errors(page):
+    assert "trajectory_lab.core" in page.evaluate("() => window.app.extensions.map((e) => e.name)")
+    assert not [e for e in frontend_errors(page) if "trajectory_lab" in e], frontend_errors(page)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropped_workflow_loads_completely_and_prompts_as_saved(page, name):
+    text = (EXAMPLES_DIR / f"{name}.json").read_text()
+    saved_file = json.loads(text)
+    result = json.loads(page.evaluate(DROP_JS, [name, text]))
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    # No missing-nodes dialog, no schema or loading alert.
+    assert not result["dialogs"], result["dialogs"]
+    unknown = [n["type"] for n in result["nodes"] if not n["known"] or n["errors"]]
+    assert not unknown, f"{name}: nodes the frontend does not know: {unknown}"
+    # Every widget value lands on a widget: saving again gives the file's values back.
+    values = {n["id"]: n.get("widgets_values") or [] for n in saved_file["nodes"]}
+    assert {n["id"]: n.get("widgets_values") or [] for n in result["saved"]["nodes"]} == values
+    # And the prompt the frontend would send is the API-format copy.
+    assert result["api"] == json.loads((API_DIR / f"{name}.json").read_text())
+
+    links = {(link[3], link[4]) for link in saved_file["links"]}
+    for node in result["nodes"]:
+        if node["type"] not in TIMELINE_NODES:
+            assert node["timeline"] is None
+            continue
+        assert node["timeline"] and node["timeline"]["draws"] > 0, f"{node['type']}: timeline not drawn"
+        file_node = next(n for n in saved_file["nodes"] if n["id"] == node["id"])
+        linked = {slot["name"] for i, slot in enumerate(file_node.get("inputs", [])) if (node["id"], i) in links}
+        want = expected_spans(node["type"], result["api"][str(node["id"])]["inputs"], linked)
+        got = [edge for s in node["timeline"]["spans"] for edge in (s["from"], s["to"])]
+        assert got == pytest.approx([edge for span in want for edge in span]), f"{name}: {node['type']} timeline"
+    if any(n["type"] == "TL_VendiGuider" for n in result["nodes"]):  # the c-VSG bank button is still there
+        assert any(w.startswith("clear memory bank") for n in result["nodes"] for w in n["widgets"])
+
+
+def fkc_test_graph() -> Workflow:
+    arch = {"arch": "sd15"}
+    return Workflow(
+        "fkc_tiny",
+        "",
+        [
+            N(1, "TLTest_TinyModel", {**arch, "seed": 0}),
+            N(2, "TLTest_TinyConditioning", {**arch, "seed": 1, "batch": 1}),
+            N(3, "TLTest_TinyConditioning", {**arch, "seed": 2, "batch": 1}),
+            N(4, "TL_FKCGuider", {"cfg": 3.0}, {"model": (1, 0), "positive": (2, 0), "negative": (3, 0)}),
+            N(5, "TL_FKCSampler", {"particles": 4, "resample": "ess", "ess_threshold": 0.9}),
+            N(6, "RandomNoise", {"noise_seed": 3, "control_after_generate": "fixed"}),
+            N(7, "BasicScheduler", {"scheduler": "normal", "steps": 6}, {"model": (1, 0)}),
+            N(8, "TLTest_TinyLatent", {**arch, "batch": 2}),
+            custom_sampling(9, noise=6, guider=4, sampler=5, sigmas=7, latent=8),
+            N(10, "TLTest_TinyVAE", {"latent_channels": 4}),
+            N(11, "VAEDecode", inputs={"samples": (9, 0), "vae": (10, 0)}),
+            N(12, "PreviewImage", inputs={"images": (11, 0)}),
+        ],
+    )
+
+
+def test_fkc_sampler_plots_the_ess_of_a_run_queued_from_the_page(page):
+    page.evaluate(BUILD_JS, spec_json(fkc_test_graph()))
+    before = page.evaluate(FKC_STATE_JS)[0]
+    run = page.evaluate(QUEUE_JS, [60_000])
+    page.wait_for_timeout(200)
+    after = page.evaluate(FKC_STATE_JS)[0]
+    page.screenshot(path=str(ARTIFACTS / "fkc_ess_plot.png"))
+
+    raw = run["raw"]
+    assert [e["step"] for e in raw] == list(range(6)) and all(len(e["ess"]) == 2 for e in raw)  # 6 steps, 2 images
+    plotted = page.evaluate(
+        "(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'trajectory_timeline').run",
+        after["id"],
+    )
+    # What the plot shows per step: the mean ESS over the images as a fraction of the particles, and whether
+    # any image's particles were resampled.
+    assert [p["step"] for p in plotted] == list(range(6))
+    assert [p["essFraction"] for p in plotted] == pytest.approx([sum(e["ess"]) / 2 / 4 for e in raw])
+    assert [p["resampled"] for p in plotted] == [any(e["resampled"]) for e in raw]
+    assert all(0 < p["essFraction"] <= 1 for p in plotted) and any(p["resampled"] for p in plotted)
+    # The plot took room and was drawn again after the run.
+    assert after["height"] > before["height"] and after["draws"] > before["draws"]
+    assert after["size"][1] >= before["size"][1] + (after["height"] - before["height"])
+    assert run["outputs"], "the preview image never reached the page"
+
+
+@pytest.mark.parametrize("name", DEMO_NAMES)
+def test_demo_workflow_runs_from_the_page_to_an_image(page, server, name):
+    text = (EXAMPLES_DIR / f"{name}.json").read_text()
+    page.evaluate(DROP_JS, [name, text])
+    run = page.evaluate(QUEUE_JS, [120_000])
+    page.screenshot(path=str(ARTIFACTS / f"{name}_run.png"))
+    images = [image for images in run["outputs"].values() for image in images]
+    assert images, f"{name}: no image reached the page"
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode(images[0])
+    with urllib.request.urlopen(f"{server.url}/api/view?{query}", timeout=10) as r:
+        assert r.read()[:4] in (b"\x89PNG", b"RIFF")
