@@ -37,6 +37,7 @@ EXPERTS_KEY = "trajectory_lab.fkc_experts"  # model_options slot: a dict the gui
 RUN_KEY = "trajectory_lab.fkc_run"  # extra_args entry: per-run state from sample() to the sampler function
 UI_EVENT = "trajectory_lab.fkc_step"  # PromptServer event: per-step ESS and resampling, for the web extension
 PARTICLES_MAX = 4096
+AUTO_ETA = -1.0  # the eta widget's "auto" (stored eta values of older workflows keep their meaning)
 
 
 class ProductOfExpertsGuider(comfy.samplers.CFGGuider):
@@ -312,13 +313,16 @@ class FKCSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "eta",
-                    default=1.0,
-                    min=0.0,
+                    default=AUTO_ETA,
+                    min=AUTO_ETA,
                     max=10.0,
                     step=0.05,
                     optional=True,
-                    tooltip="Noise of the move (ancestral eta). Every eta gives the same weights; "
-                    "more noise decorrelates particles faster. 0 (an ODE) collapses.",
+                    tooltip="Noise of the move (ancestral eta). -1 = auto: max(1, sqrt(B)), B = the sum of exponents "
+                    "(1 for CFG and AND-composition, TL_FKCGuider's beta for annealing and products); with "
+                    "noise = tempered, auto is 1 (the tempered SDE). Every eta gives the same weights, but with "
+                    "B > 1 the weights are noisy and sqrt(B) reached the sampling floor on exact mixtures where "
+                    "eta 1 stayed 2-6x above it; with B <= 1, 1 was best. 0 (an ODE) collapses.",
                 ),
                 io.Float.Input(
                     "resample_start_percent",
@@ -368,14 +372,19 @@ class FKCSampler(io.ComfyNode):
         resample,
         ess_threshold,
         output,
-        eta=1.0,
+        eta=AUTO_ETA,
         resample_start_percent=0.0,
         resample_end_percent=1.0,
         increment_clamp=0.0,
         max_batch=0,
     ) -> io.NodeOutput:
-        options = smc.FKCOptions(particles, noise, resample, ess_threshold, eta, increment_clamp=increment_clamp)
         try:
+            if eta < 0 and eta != AUTO_ETA:
+                raise ValueError(f"eta must be >= 0, or -1 for auto (got {eta})")
+            move_eta = None if eta == AUTO_ETA else eta
+            options = smc.FKCOptions(
+                particles, noise, resample, ess_threshold, move_eta, increment_clamp=increment_clamp
+            )
             options.validate()
             if not 0.0 <= resample_start_percent <= resample_end_percent <= 1.0:
                 raise ValueError(
