@@ -161,9 +161,11 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
         "SD3-style MMDiT rectified flow on real images: Fashion-MNIST, class-conditional (prompt a class name)",
         _IMAGE_LATENT,
     ),
+    # Patch 1x1x1: 16 tokens per frame. With Wan's usual 1x2x2 a token would output 4 x 48 = 192 values through a
+    # width of 128, too narrow to give the noise back (measured: samples stayed noise).
     "shapes_video_wan": DemoModelSpec(
         "wan21",
-        {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": LATENT_CHANNELS,
+        {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 1, 1), "in_dim": LATENT_CHANNELS,
          "out_dim": LATENT_CHANNELS, "dim": 128, "ffn_dim": 256, "freq_dim": 256, "text_dim": text_encoder.EMBED_DIM,
          "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True,
          "eps": 1e-6},
