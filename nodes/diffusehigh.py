@@ -188,9 +188,9 @@ class DiffuseHigh(io.ComfyNode):
             "replacing the wavelet low band of the predicted image for the first `dwt_steps` steps. LATENT in, "
             "larger LATENT out; video latents are handled per frame.",
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Model.Input("model", tooltip="The model that made the image (or one sharing its latent space)."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Vae.Input("vae", tooltip="Decodes and encodes every stage (and every guided step in image space)."),
                 io.Latent.Input("latent", tooltip="The base-resolution result to upscale."),
                 io.Float.Input(
@@ -217,7 +217,9 @@ class DiffuseHigh(io.ComfyNode):
                     max=1000,
                     tooltip="Steps per stage whose predicted image gets the reference's low band. 0 = off.",
                 ),
-                io.Combo.Input("wavelet", options=list(WAVELETS), default="db4"),
+                io.Combo.Input(
+                    "wavelet", options=list(WAVELETS), default="db4", tooltip="db4: the paper; haar: blockier."
+                ),
                 io.Float.Input(
                     "sharpen",
                     default=1.0,
@@ -241,9 +243,16 @@ class DiffuseHigh(io.ComfyNode):
                     max=10000,
                     tooltip="Steps per stage (the steps actually run at this denoise).",
                 ),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."),
+                io.Combo.Input(
+                    "sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="Sampler per stage."
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.SCHEDULER_NAMES,
+                    default="normal",
+                    tooltip="Noise schedule per stage.",
+                ),
                 io.Combo.Input(
                     "guidance_space", options=list(GUIDANCE_SPACES), default="image", optional=True, tooltip=_SPACE_TIP
                 ),

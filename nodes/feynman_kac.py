@@ -413,9 +413,9 @@ class FKCGuider(io.ComfyNode):
                 "two positives is the plain product q_1 q_2). With other samplers: the same target, uncorrected."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Model.Input("model", tooltip="The diffusion or flow model every expert runs on."),
+                io.Conditioning.Input("positive", tooltip="The first prompt of the target."),
+                io.Conditioning.Input("negative", tooltip="The negative (unconditional) expert."),
                 io.Float.Input(
                     "cfg",
                     default=4.0,

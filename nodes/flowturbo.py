@@ -162,7 +162,9 @@ class FlowTurboSampler(io.ComfyNode):
                     max=1000,
                     tooltip="Trailing refiner steps (no model call); needs a refiner.",
                 ),
-                VelocityRefinerType.Input("refiner", optional=True),
+                VelocityRefinerType.Input(
+                    "refiner", optional=True, tooltip="A distilled velocity refiner (TL_LoadVelocityRefiner)."
+                ),
                 io.Combo.Input(
                     "refiner_update",
                     options=list(REFINER_UPDATES),
@@ -201,13 +203,27 @@ class TrainVelocityRefiner(io.ComfyNode):
             "(no dataset). Saves models/velocity_refiners/<name>.safetensors; running again with the same name "
             "resumes up to `iterations`. Cancel keeps the progress.",
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Model.Input("model", tooltip="The flow model the refiner learns to imitate."),
+                io.Conditioning.Input("positive", tooltip="Prompt for the self-generated training samples."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt for the training samples."),
                 io.Latent.Input("latent", tooltip="Sets the latent shape; its batch is ignored."),
-                io.Int.Input("iterations", default=2000, min=1, max=10_000_000),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
-                io.String.Input("name", default="velocity_refiner"),
+                io.Int.Input(
+                    "iterations",
+                    default=2000,
+                    min=1,
+                    max=10_000_000,
+                    tooltip="Total training steps (resumed runs count on).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    tooltip="Seed for the training samples and the training run.",
+                ),
+                io.String.Input(
+                    "name", default="velocity_refiner", tooltip="File name under models/velocity_refiners."
+                ),
                 io.Float.Input(
                     "cfg",
                     default=4.0,
@@ -233,10 +249,26 @@ class TrainVelocityRefiner(io.ComfyNode):
                     optional=True,
                     tooltip="How many samples the model generates for training.",
                 ),
-                io.Int.Input("batch_size", default=8, min=1, max=4096, optional=True),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, optional=True),
-                io.Float.Input("ema_decay", default=0.999, min=0.0, max=0.99999, step=0.0001, optional=True),
-                io.Int.Input("hidden", default=64, min=8, max=1024, optional=True),
+                io.Int.Input("batch_size", default=8, min=1, max=4096, optional=True, tooltip="Training batch size."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-5,
+                    optional=True,
+                    tooltip="AdamW learning rate.",
+                ),
+                io.Float.Input(
+                    "ema_decay",
+                    default=0.999,
+                    min=0.0,
+                    max=0.99999,
+                    step=0.0001,
+                    optional=True,
+                    tooltip="Weight averaging of the saved refiner.",
+                ),
+                io.Int.Input("hidden", default=64, min=8, max=1024, optional=True, tooltip="Refiner network width."),
                 io.Boolean.Input(
                     "resume",
                     default=True,
@@ -321,7 +353,14 @@ class LoadVelocityRefiner(io.ComfyNode):
             node_id="TL_LoadVelocityRefiner",
             display_name="Load Velocity Refiner (Trajectory Lab)",
             category="trajectory_lab/sampling",
-            inputs=[io.Combo.Input("refiner_name", options=folder_paths.get_filename_list(FOLDER))],
+            description="Loads a FlowTurbo velocity refiner made by TL_TrainVelocityRefiner, for TL_FlowTurboSampler.",
+            inputs=[
+                io.Combo.Input(
+                    "refiner_name",
+                    options=folder_paths.get_filename_list(FOLDER),
+                    tooltip="A file in models/velocity_refiners.",
+                )
+            ],
             outputs=[VelocityRefinerType.Output()],
         )
 

@@ -294,9 +294,16 @@ class MultiTextVideo(io.ComfyNode):
                 PromptSequenceType.Input("prompts", tooltip="One segment per prompt (TL_PromptSequence)."),
                 io.Conditioning.Input("negative", tooltip="The CFG negative; also the inversion's model."),
                 io.Latent.Input("latent", tooltip="One segment's shape: an empty video latent (e.g. 33 frames)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Noise seed (each segment draws its own from it).",
+                ),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps per segment."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."),
                 io.Float.Input(
                     "last_frame_inversion", default=0.5, min=0.0, max=1.0, step=0.01, tooltip=_INVERSION_TIP
                 ),
@@ -317,7 +324,13 @@ class MultiTextVideo(io.ComfyNode):
                     tooltip="euler: deterministic (keeps the inverted structure); euler_ancestral: "
                     "fresh noise each step, like the official eta = 1.",
                 ),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple", optional=True),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.SCHEDULER_NAMES,
+                    default="simple",
+                    optional=True,
+                    tooltip="Noise schedule per segment.",
+                ),
                 io.Int.Input(
                     "inversion_steps",
                     default=0,

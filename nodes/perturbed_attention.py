@@ -290,7 +290,7 @@ class PerturbedAttention(io.ComfyNode):
                 "self-attention maps by the identity. The perturbed pass rides in the same forward call as CFG."
             ),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A UNet (SD1.x, SDXL) or DiT (SD3, Flux, Wan) model to patch."),
                 io.Float.Input(
                     "scale",
                     default=3.0,

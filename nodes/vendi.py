@@ -307,10 +307,10 @@ class VendiGuider(io.ComfyNode):
                 "through the VAE with gradients on guided steps: about a VAE decode's activations in extra memory."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Model.Input("model", tooltip="The model to guide."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."),
                 io.Float.Input(
                     "scale",
                     default=0.05,
@@ -427,7 +427,7 @@ class VendiScore(io.ComfyNode):
             description="Vendi score of an image batch: the effective number of distinct images (1 = all alike, "
             "N = all different), with a cosine kernel on the chosen features (default: 16x16 pixel thumbnails).",
             inputs=[
-                io.Image.Input("images"),
+                io.Image.Input("images", tooltip="The batch to score."),
                 Features.Input("features", optional=True, tooltip="TL_FEATURES; default: TL_PixelFeatures (16)."),
             ],
             outputs=[io.Float.Output(display_name="vendi_score")],

@@ -247,7 +247,7 @@ class PixelFeatures(io.ComfyNode):
             category="trajectory_lab/features",
             description="TL_FEATURES from images shrunk to size x size pixels: cheap and model-free (colour and "
             "layout, not semantics). With TL_VendiGuider it needs the vae input.",
-            inputs=[io.Int.Input("size", default=16, min=1, max=256)],
+            inputs=[io.Int.Input("size", default=16, min=1, max=256, tooltip="Thumbnail side in pixels.")],
             outputs=[Features.Output(display_name="features")],
         )
 
@@ -267,7 +267,7 @@ class CLIPVisionFeatures(io.ComfyNode):
             "Preprocessing runs in torch without 8-bit rounding, so guidance gradients reach the image. With "
             "TL_VendiGuider it needs the vae input.",
             inputs=[
-                io.ClipVision.Input("clip_vision"),
+                io.ClipVision.Input("clip_vision", tooltip="A CLIP vision model (CLIPVisionLoader)."),
                 io.Boolean.Input("crop", default=True, tooltip="Centre-crop to a square (else stretch)."),
             ],
             outputs=[Features.Output(display_name="features")],
