@@ -349,7 +349,7 @@ class EmptyDemoLatent(io.ComfyNode):
             inputs=[
                 io.Int.Input("width", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image height in pixels."),
-                io.Int.Input("batch_size", default=1, min=1, max=256),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images (or videos) in the batch."),
             ],
             outputs=[io.Latent.Output()],
         )
