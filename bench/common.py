@@ -106,8 +106,11 @@ def environment_line(device: str) -> str:
     import comfyui_version
 
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    load = ""
+    if device == "cpu" and hasattr(os, "getloadavg"):  # shared CPUs: a busy machine stretches every timing
+        load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     return (f"{processor_name(device)}; torch {torch.__version__}; ComfyUI {comfyui_version.__version__}; "
-            f"Python {platform.python_version()}; {today}")  # fmt: skip
+            f"Python {platform.python_version()}; {today}{load}")  # fmt: skip
 
 
 def write_atomically(path: Path, text: str) -> None:
