@@ -33,3 +33,25 @@ def test_served_extension_calls_routes_that_exist(server):
     size = server.get_json("/api" + routes["BANK_ROUTE"] + "web_test")
     assert size["total"] == 0
     assert server.post_json("/api" + routes["CLEAR_ROUTE"], {"name": "web_test"})["name"] == "web_test"
+
+
+def test_every_node_has_a_description_and_every_input_a_tooltip(host):
+    # The frontend shows these on hover; they are the in-app documentation.
+    from comfy_api.internal import _ComfyNodeInternal
+
+    import nodes
+
+    missing = []
+    for name, cls in sorted(nodes.NODE_CLASS_MAPPINGS.items()):
+        if not name.startswith("TL_"):
+            continue
+        assert issubclass(cls, _ComfyNodeInternal), f"{name} is not a V3 node"
+        info = cls.GET_NODE_INFO_V1()
+        if len(info.get("description", "")) < 20:
+            missing.append(f"{name}: description")
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                if not options.get("tooltip"):
+                    missing.append(f"{name}.{input_name}: tooltip")
+    assert not missing, missing
