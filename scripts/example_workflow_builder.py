@@ -301,8 +301,173 @@ def _real_workflows() -> list[Workflow]:
     return [pag_sdxl, pag_sd3, tstitch, fkc, cvsg, diffusehigh, flowturbo, wan]
 
 
+DEMO_NOTE = (
+    "\n\nRuns anywhere in seconds on the pack's own demo models (32x32 shapes world, trained by the project; "
+    "prompts use its words: small/large, red/green/blue/yellow, circle/square/triangle, left/center/right)."
+)
+
+
+def demo_loader(id_: int, model: str, title: str | None = None) -> N:
+    return N(id_, "TL_LoadDemoModel", {"model_name": model}, title=title)
+
+
+def demo_text(id_: int, text: str, title: str) -> N:
+    return N(id_, "TL_DemoTextEncode", {"text": text}, title=title)
+
+
+def demo_latent(id_: int, batch: int = 4, size: int = 32, frames: int = 0) -> N:
+    return N(id_, "TL_EmptyDemoLatent", {"width": size, "height": size, "batch_size": batch, "frames": frames})
+
+
+def ksampler(id_: int, model, positive, negative, latent, steps: int, cfg: float, sampler="euler", value=0) -> N:
+    widgets = {**seed(value), "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal"}
+    links = {"model": model, "positive": positive, "negative": negative, "latent_image": latent}
+    return N(id_, "KSampler", widgets, links)
+
+
+def _demo_workflows() -> list[Workflow]:
+    pag = Workflow(
+        "pag_demo",
+        "**Perturbed-Attention Guidance, demo UNet.** Compare with scale 0: PAG sharpens the shapes and their "
+        "edges at a low CFG." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_unet_large"),
+            N(2, "TL_PerturbedAttention", {"scale": 3.0}, {"model": (1, 0)}),
+            demo_text(3, "large red circle left", "Positive prompt"),
+            demo_text(4, "", "Negative prompt (empty: unconditional)"),
+            demo_latent(5),
+            ksampler(6, (2, 0), (3, 0), (4, 0), (5, 0), steps=12, cfg=2.0),
+            *decode_and_save(7, (6, 0), (1, 1), "demo_pag"),
+        ],
+        demo=True,
+    )
+    tstitch = Workflow(
+        "tstitch_demo",
+        "**T-Stitch, demo UNets.** The small UNet takes the first 40% of the steps, the large one the rest: "
+        "nearly the large model's images at a lower cost." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_unet_small", "Small model"),
+            demo_loader(2, "shapes_unet_large", "Large model"),
+            N(3, "TL_TStitchModel", {"small_fraction": 0.4}, {"small_model": (1, 0), "large_model": (2, 0)}),
+            demo_text(4, "small blue square right", "Positive prompt"),
+            demo_text(5, "", "Negative prompt (empty: unconditional)"),
+            demo_latent(6),
+            ksampler(7, (3, 0), (4, 0), (5, 0), (6, 0), steps=12, cfg=3.0),
+            *decode_and_save(8, (7, 0), (2, 1), "demo_tstitch"),
+        ],
+        demo=True,
+    )
+    fkc = Workflow(
+        "fkc_demo",
+        "**Feynman-Kac Correctors, demo UNet.** Four particles per image follow the CFG target's SDE and are "
+        "resampled when their effective sample size drops below half; the sampler node plots ESS per step "
+        "after the run (red: steps that resampled)." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_unet_large"),
+            demo_text(2, "large yellow triangle center", "Positive prompt"),
+            demo_text(3, "", "Negative prompt (empty: unconditional)"),
+            N(4, "TL_FKCGuider", {"cfg": 3.0}, {"model": (1, 0), "positive": (2, 0), "negative": (3, 0)}),
+            N(5, "TL_FKCSampler", {"particles": 4, "resample": "ess", "ess_threshold": 0.5}),
+            N(6, "RandomNoise", {"noise_seed": 1, "control_after_generate": "fixed"}),
+            N(7, "BasicScheduler", {"scheduler": "normal", "steps": 12, "denoise": 1.0}, {"model": (1, 0)}),
+            demo_latent(8, batch=2),
+            custom_sampling(9, noise=6, guider=4, sampler=5, sigmas=7, latent=8),
+            *decode_and_save(10, (9, 0), (1, 1), "demo_fkc"),
+        ],
+        demo=True,
+    )
+    flowturbo = Workflow(
+        "flowturbo_demo",
+        "**FlowTurbo, demo DiT (rectified flow).** One Heun step, then pseudo-corrector steps that reuse the "
+        "cached velocity: 6 steps for 7 model calls." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_dit_flow"),
+            demo_text(2, "large green square left", "Positive prompt"),
+            demo_text(3, "", "Negative prompt (empty: unconditional)"),
+            N(4, "CFGGuider", {"cfg": 3.0}, {"model": (1, 0), "positive": (2, 0), "negative": (3, 0)}),
+            N(5, "TL_FlowTurboSampler", {"heun_steps": 1, "refine_steps": 0}),
+            N(6, "RandomNoise", {"noise_seed": 2, "control_after_generate": "fixed"}),
+            N(7, "BasicScheduler", {"scheduler": "simple", "steps": 6, "denoise": 1.0}, {"model": (1, 0)}),
+            demo_latent(8),
+            custom_sampling(9, noise=6, guider=4, sampler=5, sigmas=7, latent=8),
+            *decode_and_save(10, (9, 0), (1, 1), "demo_flowturbo"),
+        ],
+        demo=True,
+    )
+    cvsg = Workflow(
+        "cvsg_demo",
+        "**c-VSG, demo Fashion-MNIST DiT.** The guider pushes each new batch away from the garments already in "
+        "the memory bank (features from the demo classifier). Queue it several times: the Vendi score stays high; "
+        "the button on the guider shows and clears the bank." + DEMO_NOTE,
+        [
+            demo_loader(1, "fashion_dit_flow"),
+            demo_text(2, "dress", "Positive prompt"),
+            demo_text(3, "", "Negative prompt (empty: unconditional)"),
+            N(4, "TL_DemoFeatures", {"features_name": "fashion_classes"}),
+            N(
+                5,
+                "TL_VendiGuider",
+                {"cfg": 3.0, "scale": 0.05, "every_n_steps": 2, "memory_bank": "demo_fashion"},
+                {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "vae": (1, 1), "features": (4, 0)},
+            ),
+            N(6, "KSamplerSelect", {"sampler_name": "euler"}),
+            N(7, "BasicScheduler", {"scheduler": "simple", "steps": 10, "denoise": 1.0}, {"model": (1, 0)}),
+            N(8, "RandomNoise", {"noise_seed": 4, "control_after_generate": "increment"}),
+            demo_latent(9),
+            custom_sampling(10, noise=8, guider=5, sampler=6, sigmas=7, latent=9),
+            *decode_and_save(11, (10, 0), (1, 1), "demo_cvsg"),
+            N(13, "TL_VendiScore", inputs={"images": (11, 0), "features": (4, 0)}),
+            N(14, "PreviewAny", inputs={"source": (13, 0)}, title="Vendi score of the batch"),
+        ],
+        demo=True,
+    )
+    diffusehigh = Workflow(
+        "diffusehigh_demo",
+        "**DiffuseHigh, demo UNet: 32x32 to 64x64.** The model was trained at 32x32 only; DiffuseHigh keeps the "
+        "layout of the 32x32 image while adding detail at 64x64." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_unet_large"),
+            demo_text(2, "large blue circle center", "Positive prompt"),
+            demo_text(3, "", "Negative prompt (empty: unconditional)"),
+            demo_latent(4, batch=2),
+            ksampler(5, (1, 0), (2, 0), (3, 0), (4, 0), steps=12, cfg=3.0),
+            N(
+                6,
+                "TL_DiffuseHigh",
+                {"scale_factor": 2.0, "denoise": 0.4, "dwt_steps": 4, **seed(0), "steps": 10, "cfg": 3.0},
+                {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "vae": (1, 1), "latent": (5, 0)},
+            ),
+            *decode_and_save(7, (6, 0), (1, 1), "demo_diffusehigh"),
+        ],
+        demo=True,
+    )
+    video = Workflow(
+        "multitext_video_demo",
+        "**Multi-text video, demo Wan-style DiT (16x16, 8 frames per segment).** One segment per line; each "
+        "later segment continues from the previous last frame." + DEMO_NOTE,
+        [
+            demo_loader(1, "shapes_video_wan"),
+            N(2, "TL_DemoPromptSequence", {"text": "red circle moves right\nred circle moves down"}),
+            demo_text(3, "", "Negative prompt (empty: unconditional)"),
+            demo_latent(4, batch=1, size=16, frames=8),
+            N(
+                5,
+                "TL_MultiTextVideo",
+                {**seed(0), "steps": 10, "cfg": 3.0},
+                {"model": (1, 0), "vae": (1, 1), "prompts": (2, 0), "negative": (3, 0), "latent": (4, 0)},
+            ),
+            N(6, "VAEDecode", inputs={"samples": (5, 0), "vae": (1, 1)}),
+            N(
+                7, "SaveAnimatedWEBP", {"filename_prefix": "trajectory_lab/demo_video", "fps": 4.0}, {"images": (6, 0)}
+            ),  # fmt: skip
+        ],
+        demo=True,
+    )
+    return [pag, tstitch, fkc, flowturbo, cvsg, diffusehigh, video]
+
+
 def workflows() -> list[Workflow]:
-    result = _real_workflows()
+    result = _real_workflows() + _demo_workflows()
     for w in result:
         w.nodes.append(note(w.note))
     return result
@@ -357,6 +522,35 @@ async (spec) => {
   const prompt = await app.graphToPrompt();
   // As the frontend writes a file: JSON.stringify drops undefined fields (playwright would turn them into null).
   return JSON.stringify({ ui: graph.serialize(), api: prompt.output });
+}
+"""
+
+# Queue the graph on the page as the Run button does; wait for it; report the FKC events and the images.
+QUEUE_JS = """
+async ([timeoutMs]) => {
+  const app = window.app, api = app.api;
+  const done = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("no execution_success in time")), timeoutMs);
+    api.addEventListener("execution_success", (e) => { clearTimeout(timer); resolve(e.detail); }, { once: true });
+    api.addEventListener("execution_error", (e) => {
+      clearTimeout(timer);
+      reject(new Error(`execution_error: ${e.detail.exception_message}`));
+    }, { once: true });
+  });
+  const raw = [];
+  const record = (e) => raw.push(e.detail);
+  api.addEventListener("trajectory_lab.fkc_step", record);
+  await app.queuePrompt(0, 1);
+  if (app.lastNodeErrors && Object.keys(app.lastNodeErrors).length)
+    throw new Error(`prompt rejected: ${JSON.stringify(app.lastNodeErrors).slice(0, 2000)}`);
+  try { await done; } finally { api.removeEventListener("trajectory_lab.fkc_step", record); }
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const outputs = {};
+  for (const node of app.graph.nodes) {
+    const images = app.nodeOutputs?.[String(node.id)]?.images;
+    if (images) outputs[node.id] = images;
+  }
+  return { raw, outputs };
 }
 """
 
@@ -422,6 +616,8 @@ def build(selected: list[str]) -> None:
         page, _ = open_comfyui(context, server.url)
         for w in chosen:
             result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
+            if w.demo:  # the thumbnail shows the graph with its result
+                page.evaluate(QUEUE_JS, [300_000])
             write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
             write_atomic(API_DIR / f"{w.name}.json", dumps(result["api"]))
             write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", thumbnail(page))

@@ -13,7 +13,17 @@ import json
 import pytest
 from browser import launch, open_comfyui
 from comfy_host import PACK_ROOT
-from example_workflow_builder import API_DIR, BUILD_JS, EXAMPLES_DIR, N, Workflow, custom_sampling, spec_json, workflows
+from example_workflow_builder import (
+    API_DIR,
+    BUILD_JS,
+    EXAMPLES_DIR,
+    QUEUE_JS,
+    N,
+    Workflow,
+    custom_sampling,
+    spec_json,
+    workflows,
+)
 
 ARTIFACTS = PACK_ROOT / "out" / "browser"
 NAMES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
@@ -51,33 +61,6 @@ async ([name, text]) => {
 }
 """
 
-QUEUE_JS = """
-async ([timeoutMs]) => {
-  const app = window.app, api = app.api;
-  const done = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("no execution_success in time")), timeoutMs);
-    api.addEventListener("execution_success", (e) => { clearTimeout(timer); resolve(e.detail); }, { once: true });
-    api.addEventListener("execution_error", (e) => {
-      clearTimeout(timer);
-      reject(new Error(`execution_error: ${e.detail.exception_message}`));
-    }, { once: true });
-  });
-  const raw = [];
-  const record = (e) => raw.push(e.detail);
-  api.addEventListener("trajectory_lab.fkc_step", record);
-  await app.queuePrompt(0, 1);
-  if (app.lastNodeErrors && Object.keys(app.lastNodeErrors).length)
-    throw new Error(`prompt rejected: ${JSON.stringify(app.lastNodeErrors).slice(0, 2000)}`);
-  try { await done; } finally { api.removeEventListener("trajectory_lab.fkc_step", record); }
-  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-  const outputs = {};
-  for (const node of app.graph.nodes) {
-    const images = app.nodeOutputs?.[String(node.id)]?.images;
-    if (images) outputs[node.id] = images;
-  }
-  return { raw, outputs };
-}
-"""
 
 FKC_STATE_JS = """
 () => window.app.graph.nodes.filter((n) => n.type === "TL_FKCSampler").map((node) => {
@@ -208,17 +191,35 @@ def test_fkc_sampler_plots_the_ess_of_a_run_queued_from_the_page(page):
     assert run["outputs"], "the preview image never reached the page"
 
 
+def expected_outputs(prompt: dict) -> tuple[int, tuple[int, int], int]:
+    """(images, (width, height), frames) a demo workflow must save, from its own widget values."""
+    latent = next(n["inputs"] for n in prompt.values() if n["class_type"] == "TL_EmptyDemoLatent")
+    scale = next((n["inputs"]["scale_factor"] for n in prompt.values() if n["class_type"] == "TL_DiffuseHigh"), 1)
+    size = (round(latent["width"] * scale), round(latent["height"] * scale))
+    video = next((n["inputs"] for n in prompt.values() if n["class_type"] == "TL_MultiTextVideo"), None)
+    if video is None:
+        return latent["batch_size"], size, 1
+    prompts = next(n["inputs"]["text"] for n in prompt.values() if n["class_type"] == "TL_DemoPromptSequence")
+    segments = len([line for line in prompts.splitlines() if line.strip()])
+    return 1, size, 1 + segments * (latent["frames"] - 1)  # segments share their boundary frame
+
+
 @pytest.mark.parametrize("name", DEMO_NAMES)
-def test_demo_workflow_runs_from_the_page_to_an_image(page, server, name):
+def test_demo_workflow_runs_from_the_page_to_its_images(page, server, name):
+    import io
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
     text = (EXAMPLES_DIR / f"{name}.json").read_text()
     page.evaluate(DROP_JS, [name, text])
     run = page.evaluate(QUEUE_JS, [120_000])
     page.screenshot(path=str(ARTIFACTS / f"{name}_run.png"))
-    images = [image for images in run["outputs"].values() for image in images]
-    assert images, f"{name}: no image reached the page"
-    import urllib.parse
-    import urllib.request
-
-    query = urllib.parse.urlencode(images[0])
-    with urllib.request.urlopen(f"{server.url}/api/view?{query}", timeout=10) as r:
-        assert r.read()[:4] in (b"\x89PNG", b"RIFF")
+    files = [image for images in run["outputs"].values() for image in images]
+    count, size, frames = expected_outputs(json.loads((API_DIR / f"{name}.json").read_text()))
+    assert len(files) == count, f"{name}: {files}"
+    for file in files:
+        with urllib.request.urlopen(f"{server.url}/api/view?{urllib.parse.urlencode(file)}", timeout=10) as r:
+            image = Image.open(io.BytesIO(r.read()))
+        assert image.size == size and getattr(image, "n_frames", 1) == frames, (name, image.size, image.n_frames)
