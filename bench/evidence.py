@@ -1,6 +1,7 @@
 """Evidence: what each technique buys, measured against its baseline in one run; writes docs/EVIDENCE.md.
 
-Usage: .venv/bin/python bench/evidence.py [--sections exact,speed,quality] [--repeats N] [--seeds N] [--out PATH]
+Usage: .venv/bin/python bench/evidence.py [--sections exact,speed,quality] [--repeats N] [--seeds N]
+                                         [--experiments pag,tstitch,...] [--out PATH]
 
 exact:   the figures the tests assert on analytic models (bench/evidence_exact.py), beside the papers' numbers.
 speed:   the CPU speed benchmarks (bench/*_speed.py) called as functions, at reduced sizes and repeats, as ratios.
@@ -214,12 +215,19 @@ def main() -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: exact, speed, quality")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per speed variant (after a warm-up)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per quality row")
+    parser.add_argument("--experiments", default="", help="quality experiments to run, comma-separated (default all)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "EVIDENCE.md")
     args = parser.parse_args()
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; valid: {', '.join(SECTIONS)}")
+    import quality
+
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()] or None
+    if experiments and set(experiments) - set(quality.EXPERIMENTS):
+        parser.error(f"--experiments: unknown {sorted(set(experiments) - set(quality.EXPERIMENTS))}; "
+                     f"valid: {', '.join(quality.EXPERIMENTS)}")  # fmt: skip
     torch.set_num_threads(1)
     started = time.perf_counter()
     start_comfyui("cpu")
@@ -229,9 +237,7 @@ def main() -> int:
 
         parts["exact"] = evidence_exact.exactness()[0]
     if "quality" in args.sections:
-        import quality
-
-        parts["quality"] = quality.quality_section(args.seeds)
+        parts["quality"] = quality.quality_section(args.seeds, names=experiments)
     if "speed" in args.sections:
         parts["speed"], checks = speed("cpu", args.repeats)
     write_atomically(args.out, document(parts, checks, time.perf_counter() - started, args))

@@ -726,40 +726,47 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
-# (experiment, technique variant, baseline variant, figure, higher is better, the claim checked)
+# (EXPERIMENTS key, experiment, technique variant, baseline variant, figure, higher is better, the claim)
 CLAIMS = [
-    ("PAG (UNet)", "ours PAG 3.0", "CFG only", "FD", False,
+    ("pag", "PAG (UNet)", "ours PAG 3.0", "CFG only", "FD", False,
      "PAG moves samples closer to real scenes (paper: lower FID)"),
-    ("PAG (UNet)", "ours PAG 3.0", "built-in PAG 3.0", "FD", False,
+    ("pag", "PAG (UNet)", "ours PAG 3.0", "built-in PAG 3.0", "FD", False,
      "same layer (middle block) as the built-in node: the same images"),
-    ("PAG (DiT)", "ours PAG 3.0", "CFG only", "FD", False, "PAG helps a DiT too (the built-in node cannot)"),
-    ("T-Stitch", "T-Stitch r = 0.4", "large only (r = 0)", "FD", False,
+    ("pag", "PAG (DiT)", "ours PAG 3.0", "CFG only", "FD", False, "PAG helps a DiT too (the built-in node cannot)"),
+    ("tstitch", "T-Stitch", "T-Stitch r = 0.4", "large only (r = 0)", "FD", False,
      "40% of the steps on the small model cost no quality (paper: no FID loss at 40%)"),
-    ("FKC AND", "FKC, 8 particles per image", "composed CFG, euler_ancestral (no correction)", "adherence", True,
+    ("fkc_and", "FKC AND", "FKC, 8 particles per image", "composed CFG, euler_ancestral (no correction)",
+     "adherence", True,
      "FKC makes 'red' AND 'circle' succeed more often than plain composed CFG"),
-    ("FKC annealing", "beta 2, FKC 8 particles", "beta 2, euler_ancestral (no correction)", "adherence", True,
+    ("fkc_anneal", "FKC annealing", "beta 2, FKC 8 particles", "beta 2, euler_ancestral (no correction)",
+     "adherence", True,
      "the corrected annealed target adheres more than the uncorrected annealed score"),
-    ("FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Heun 8 steps (15 calls)", "FD", False,
+    ("flowturbo", "FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Heun 8 steps (15 calls)", "FD", False,
      "at equal model calls FlowTurbo beats Heun (paper: better FID at equal latency)"),
-    ("FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Euler 15 steps", "FD", False, "... and Euler"),
-    ("c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "Vendi", True, "c-VSG raises diversity (paper: coverage up)"),
-    ("c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "adherence", True, "... while prompt adherence holds"),
-    ("DiffuseHigh", "DiffuseHigh", "direct 64² sampling", "duplicates", False,
+    ("flowturbo", "FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Euler 15 steps", "FD", False, "... and Euler"),
+    ("cvsg", "c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "Vendi", True,
+     "c-VSG raises diversity (paper: coverage up)"),
+    ("cvsg", "c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "adherence", True,
+     "... while prompt adherence holds"),
+    ("diffusehigh", "DiffuseHigh", "DiffuseHigh", "direct 64² sampling", "duplicates", False,
      "fewer duplicated objects than sampling directly at 2× the training size"),
-    ("DiffuseHigh", "DiffuseHigh", "plain upscale + img2img", "FD", False, "closer to real scenes than plain upscale"),
-    ("multi-text video", "TL_MultiTextVideo", "independent segments", "boundary jump", False,
+    ("diffusehigh", "DiffuseHigh", "DiffuseHigh", "plain upscale + img2img", "FD", False,
+     "closer to real scenes than plain upscale"),
+    ("video", "multi-text video", "TL_MultiTextVideo", "independent segments", "boundary jump", False,
      "segments join smoothly (lower jump at the boundary)"),
-    ("multi-text video", "TL_MultiTextVideo", "independent segments", "motion adherence", True,
+    ("video", "multi-text video", "TL_MultiTextVideo", "independent segments", "motion adherence", True,
      "each segment still follows its own prompt"),
 ]  # fmt: skip
 
 
-def claims_table(rows: list[Row]) -> list[str]:
+def claims_table(per_experiment: dict[str, list[Row]]) -> list[str]:
     """Technique vs baseline per claim: better / worse when the means differ by more than the two spreads together
     (sd over seeds), else 'within spread'; agreement with the claim is the verdict."""
-    found = {(r.experiment, r.variant): r for r in rows}
+    found = {(r.experiment, r.variant): r for rows in per_experiment.values() for r in rows}
     lines = ["| experiment | claim | technique | baseline | verdict |", "|---|---|--:|--:|---|"]
-    for experiment, variant, baseline, key, higher, claim in CLAIMS:
+    for name, experiment, variant, baseline, key, higher, claim in CLAIMS:
+        if name not in per_experiment:
+            continue
         a, b = found.get((experiment, variant)), found.get((experiment, baseline))
         if a is None or b is None or key not in a.figures or key not in b.figures:
             lines.append(f"| {experiment} | {claim} | — | — | not measured ({PENDING} or failed: see below) |")
@@ -809,8 +816,7 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
             traceback.print_exc()
             per_experiment[name] = [Row(name, "—", note=f"failed: {type(error).__name__}: {str(error)[:90]}")]
         print(f"quality {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    all_rows = [r for rows in per_experiment.values() for r in rows]
-    lines += ["#### Claims against baselines", "", *claims_table(all_rows), ""]
+    lines += ["#### Claims against baselines", "", *claims_table(per_experiment), ""]
     for name, rows in per_experiment.items():
         lines += [f"#### {EXPERIMENTS[name][1]}", "", *table(rows), ""]
     lines.append(f"({time.perf_counter() - started:.0f} s for this section)")
