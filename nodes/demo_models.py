@@ -149,13 +149,14 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
         "SD3-style MMDiT rectified flow (FlowTurbo, DiT PAG)",
         _IMAGE_LATENT,
     ),
-    # 16 tokens of 8x8 pixels, width 128 (64 x depth), 2 joint blocks: 1.1M parameters, trains on a CPU in minutes
+    # 16 tokens of 8x8 pixels. The width (64 x depth) must carry a token's 192 latent values, noise included, or
+    # the flow cannot return the noise it is given: 192 wide, 2 joint blocks, MLP ratio 2, 2.0M parameters
     "fashion_dit_flow": DemoModelSpec(
         "sd3",
-        {"in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS, "patch_size": 2, "depth": 2,
-         "input_size": None, "adm_in_channels": text_encoder.EMBED_DIM,
+        {"in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS, "patch_size": 2, "depth": 3,
+         "num_blocks": 2, "mlp_ratio": 2.0, "input_size": None, "adm_in_channels": text_encoder.EMBED_DIM,
          "context_embedder_config": {"target": "torch.nn.Linear",
-                                     "params": {"in_features": text_encoder.EMBED_DIM, "out_features": 128}},
+                                     "params": {"in_features": text_encoder.EMBED_DIM, "out_features": 192}},
          "pos_embed_max_size": 8, "num_patches": 64, "pos_embed_scaling_factor": None,
          "x_block_self_attn_layers": []},
         "SD3-style MMDiT rectified flow on real images: Fashion-MNIST, class-conditional (prompt a class name)",
