@@ -554,14 +554,15 @@ async ([timeoutMs]) => {
 }
 """
 
+# Zoom the canvas onto the given node ids (default: all nodes); return the screen rectangle they fill.
 FIT_VIEW_JS = """
-async () => {
-  const app = window.app, nodes = app.graph.nodes;
+async (ids) => {
+  const app = window.app, nodes = app.graph.nodes.filter((n) => !ids?.length || ids.includes(n.id));
   const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 40, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 60;
   const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 40;
   const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 40;
   const canvas = app.canvas, rect = canvas.canvas.getBoundingClientRect();
-  const scale = Math.min(rect.width / (x1 - x0), rect.height / (y1 - y0), 1.2);
+  const scale = Math.min(rect.width / (x1 - x0), rect.height / (y1 - y0), ids?.length ? 3 : 1.2);
   canvas.ds.scale = scale;
   canvas.ds.offset = [-x0 + (rect.width / scale - (x1 - x0)) / 2, -y0 + (rect.height / scale - (y1 - y0)) / 2];
   canvas.setDirty(true, true);
@@ -597,7 +598,7 @@ def dumps(obj) -> bytes:
 def thumbnail(page) -> bytes:
     from PIL import Image
 
-    clip = page.evaluate(FIT_VIEW_JS)
+    clip = page.evaluate(FIT_VIEW_JS, [])
     shot = Image.open(io.BytesIO(page.screenshot(clip=clip)))
     shot.thumbnail(THUMBNAIL_SIZE)
     out = io.BytesIO()

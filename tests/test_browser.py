@@ -17,6 +17,7 @@ from example_workflow_builder import (
     API_DIR,
     BUILD_JS,
     EXAMPLES_DIR,
+    FIT_VIEW_JS,
     QUEUE_JS,
     N,
     Workflow,
@@ -171,7 +172,7 @@ def test_fkc_sampler_plots_the_ess_of_a_run_queued_from_the_page(page):
     run = page.evaluate(QUEUE_JS, [60_000])
     page.wait_for_timeout(200)
     after = page.evaluate(FKC_STATE_JS)[0]
-    page.screenshot(path=str(ARTIFACTS / "fkc_ess_plot.png"))
+    page.screenshot(path=str(ARTIFACTS / "fkc_ess_plot.png"), clip=page.evaluate(FIT_VIEW_JS, [after["id"]]))
 
     raw = run["raw"]
     assert [e["step"] for e in raw] == list(range(6)) and all(len(e["ess"]) == 2 for e in raw)  # 6 steps, 2 images
