@@ -116,6 +116,7 @@ def save_weights(path: Path, state_dict: dict, metadata: dict) -> None:
     os.close(fd)
     try:
         safetensors.torch.save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are shipped files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
