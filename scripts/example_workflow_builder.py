@@ -4,7 +4,8 @@ Each workflow below is a compact spec (node types, widget values by name, links 
 itself creates the nodes, sets the widgets, links them and saves the graph, so the files are exactly what a
 user's ComfyUI saves (UI format, example_workflows/<name>.json) and exports for scripting (API format,
 example_workflows/api/<name>.json; ComfyUI's template browser lists only the top folder). Thumbnails
-(<name>.jpg) are screenshots of the laid-out graph.
+(<name>.jpg): for demo workflows the images they make (so building them runs them), for the others a
+screenshot of the laid-out graph.
 
     .venv/bin/python scripts/example_workflow_builder.py            # rewrite every workflow
     .venv/bin/python scripts/example_workflow_builder.py pag_sdxl   # only these
@@ -595,15 +596,39 @@ def dumps(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def thumbnail(page) -> bytes:
+def jpeg(image) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=88)
+    return out.getvalue()
+
+
+def graph_thumbnail(page) -> bytes:
+    """The laid-out graph, as the page draws it."""
     from PIL import Image
 
     clip = page.evaluate(FIT_VIEW_JS, [])
     shot = Image.open(io.BytesIO(page.screenshot(clip=clip)))
     shot.thumbnail(THUMBNAIL_SIZE)
-    out = io.BytesIO()
-    shot.convert("RGB").save(out, "JPEG", quality=85)
-    return out.getvalue()
+    return jpeg(shot)
+
+
+def result_thumbnail(server_url: str, outputs: dict) -> bytes:
+    """What a demo workflow made: its images (or a video's frames) side by side, enlarged without smoothing."""
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image, ImageSequence
+
+    frames = []
+    for image in [image for images in outputs.values() for image in images]:
+        with urllib.request.urlopen(f"{server_url}/api/view?{urllib.parse.urlencode(image)}", timeout=30) as r:
+            frames += [f.convert("RGB") for f in ImageSequence.Iterator(Image.open(io.BytesIO(r.read())))]
+    width, height = frames[0].size
+    strip = Image.new("RGB", (len(frames) * (width + 2) - 2, height), (24, 24, 24))
+    for i, frame in enumerate(frames):
+        strip.paste(frame, (i * (width + 2), 0))
+    scale = max(1, THUMBNAIL_SIZE[0] // strip.width)
+    return jpeg(strip.resize((strip.width * scale, strip.height * scale), Image.Resampling.NEAREST))
 
 
 def build(selected: list[str]) -> None:
@@ -617,11 +642,13 @@ def build(selected: list[str]) -> None:
         page, _ = open_comfyui(context, server.url)
         for w in chosen:
             result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
-            if w.demo:  # the thumbnail shows the graph with its result
-                page.evaluate(QUEUE_JS, [300_000])
+            if w.demo:  # a demo workflow's thumbnail is what it makes (the README shows it too)
+                picture = result_thumbnail(server.url, page.evaluate(QUEUE_JS, [300_000])["outputs"])
+            else:
+                picture = graph_thumbnail(page)
             write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
             write_atomic(API_DIR / f"{w.name}.json", dumps(result["api"]))
-            write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", thumbnail(page))
+            write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", picture)
             print(f"wrote {w.name}: {len(result['ui']['nodes'])} nodes")
         context.close()
 
