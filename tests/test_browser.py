@@ -224,3 +224,18 @@ def test_demo_workflow_runs_from_the_page_to_its_images(page, server, name):
         with urllib.request.urlopen(f"{server.url}/api/view?{urllib.parse.urlencode(file)}", timeout=10) as r:
             image = Image.open(io.BytesIO(r.read()))
         assert image.size == size and getattr(image, "n_frames", 1) == frames, (name, image.size, image.n_frames)
+
+
+def test_the_drop_check_sees_a_missing_node_and_a_lost_widget_value(page):
+    # The checks above can fail: a node type the server lacks, and a widget value with no widget to land on.
+    workflow = json.loads((EXAMPLES_DIR / "pag_sdxl.json").read_text())
+    pag = next(n for n in workflow["nodes"] if n["type"] == "TL_PerturbedAttention")
+    pag["type"] = "TL_NoSuchNode"
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    sampler["widgets_values"].append("stray value")
+    result = json.loads(page.evaluate(DROP_JS, ["broken", json.dumps(workflow)]))
+    page.keyboard.press("Escape")
+    assert any("TL_NoSuchNode" in d for d in result["dialogs"]), result["dialogs"]
+    assert [n["type"] for n in result["nodes"] if not n["known"]] == ["TL_NoSuchNode"]
+    saved = next(n for n in result["saved"]["nodes"] if n["type"] == "KSampler")
+    assert saved["widgets_values"] != sampler["widgets_values"]
