@@ -25,7 +25,13 @@ from comfy_api.latest import io
 
 from ..samplers.conventions import ode_derivative
 from ..samplers.flowturbo import REFINER_UPDATES, make_plan, sample_flowturbo
-from ..samplers.velocity_refiner import TrainingConfig, VelocityRefinerNet, new_refiner, train_velocity_refiner
+from ..samplers.velocity_refiner import (
+    TrainingConfig,
+    VelocityRefinerNet,
+    new_refiner,
+    tile_rows,
+    train_velocity_refiner,
+)
 
 FOLDER = "velocity_refiners"
 FORMAT = "trajectory_lab.velocity_refiner/1"
@@ -58,6 +64,7 @@ class VelocityRefiner:
     net: VelocityRefinerNet  # the EMA weights, used for sampling
     base: BaseModelInfo
     metadata: dict = field(default_factory=dict)
+    compile_backend: str = "inductor"  # torch.compile backend for compile_refiner (tests use a fast one on CPU)
     _compiled: Any = None
 
     def check_model(self, base_model) -> None:
@@ -65,16 +72,24 @@ class VelocityRefiner:
         if info != self.base:
             raise ValueError(f"refiner: trained for {self.base.describe()}, but the sampled model is {info.describe()}")
 
-    def function(self, compile_: bool):
+    def function(self, compile_: bool, pooled: torch.Tensor | None = None):
+        """r(x, sigma, v) for the sampler; pooled [P, D]: the positive prompt's pooled conditioning (used, and then
+        required, only by refiners trained with one)."""
+        pooled_dim = self.net.pooled_dim
+        if pooled_dim and (pooled is None or pooled.shape[-1] != pooled_dim):
+            got = "none" if pooled is None else f"{pooled.shape[-1]} features"
+            raise ValueError(f"refiner: trained with a {pooled_dim}-feature pooled conditioning (pooled_output), but "
+                             f"the positive conditioning has {got}")  # fmt: skip
         fn: Any = self.net
         if compile_:
             if self._compiled is None:
-                self._compiled = torch.compile(self.net)
+                self._compiled = torch.compile(self.net, backend=self.compile_backend)
             fn = self._compiled
 
         def refine(x, sigma, v):
+            rows = tile_rows(pooled, x.shape[0]).to(x.device) if pooled_dim else None
             with torch.no_grad():
-                return fn(x, sigma, v).to(v.dtype)
+                return fn(x, sigma, v, rows).to(v.dtype)
 
         return refine
 
@@ -93,7 +108,7 @@ def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iterati
     metadata = {
         "format": FORMAT, "model_config": base.model_config, "latent_channels": str(base.latent_channels),
         "flow": str(base.flow), "latent_shape": json.dumps(list(latent_shape)), "hidden": str(net.hidden),
-        "iteration": str(iteration),
+        "iteration": str(iteration), "pooled_dim": str(net.pooled_dim),
     }  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
@@ -113,7 +128,8 @@ def load_refiner_file(path: str) -> tuple[VelocityRefinerNet, VelocityRefinerNet
         raise ValueError(f"refiner_name: {os.path.basename(path)} is not a Trajectory Lab velocity refiner")
     base = BaseModelInfo(metadata["model_config"], int(metadata["latent_channels"]), metadata["flow"] == "True")
     tensors = safetensors.torch.load_file(path)
-    net, ema = new_refiner(base.latent_channels, base.flow, int(metadata["hidden"]))
+    pooled_dim = int(metadata.get("pooled_dim", "0"))  # files from before pooled conditioning: none
+    net, ema = new_refiner(base.latent_channels, base.flow, int(metadata["hidden"]), pooled_dim)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return net, ema, base, metadata
@@ -124,6 +140,15 @@ def _base_model(model_k):
     return model_k.inner_model.inner_model
 
 
+def positive_pooled(model_k) -> torch.Tensor | None:
+    """The positive prompt's pooled conditioning (pooled_output: Flux, SD3, SDXL), or None when it has none."""
+    conds = getattr(model_k.inner_model, "conds", None) or {}
+    for cond in conds.get("positive", []):
+        if cond.get("pooled_output") is not None:
+            return cond["pooled_output"]
+    return None
+
+
 def flowturbo_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, heun_steps=1, refine_steps=0,
                          refiner=None, refiner_update="consistent", compile_refiner=False):  # fmt: skip
     plan = make_plan(len(sigmas) - 1, heun_steps, refine_steps)
@@ -132,7 +157,7 @@ def flowturbo_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disab
         if refiner is None:
             raise ValueError(f"refiner: refine_steps = {refine_steps} needs a refiner (TL_LoadVelocityRefiner)")
         refiner.check_model(_base_model(model))
-        refine = refiner.function(compile_refiner)
+        refine = refiner.function(compile_refiner, positive_pooled(model))
     kwargs = extra_args or {}
 
     def on_step(i, x_i, denoised):
@@ -299,6 +324,8 @@ class TrainVelocityRefiner(io.ComfyNode):
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 data = generate(velocity, sigmas, (samples, *shape), generator, x.device, x.dtype)
+            pooled = positive_pooled(model_k)
+            pooled_dim = 0 if pooled is None else pooled.shape[-1]
             start = 0
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
                 if resume and os.path.exists(path):
@@ -306,9 +333,13 @@ class TrainVelocityRefiner(io.ComfyNode):
                     if saved != info:
                         raise ValueError(f"name: {name} holds a refiner for {saved.describe()}, not for "
                                          f"{info.describe()}; pick another name or set resume off")  # fmt: skip
+                    if net.pooled_dim != pooled_dim:
+                        raise ValueError(f"name: {name} holds a refiner with a {net.pooled_dim}-feature pooled "
+                                         f"conditioning, but positive has {pooled_dim}; pick another name or set "
+                                         "resume off")  # fmt: skip
                     start = int(metadata["iteration"])
                 else:
-                    net, ema = new_refiner(info.latent_channels, info.flow, hidden)
+                    net, ema = new_refiner(info.latent_channels, info.flow, hidden, pooled_dim)
             progress = comfy.utils.ProgressBar(iterations)
             progress.update_absolute(min(start, iterations))
 
@@ -322,7 +353,8 @@ class TrainVelocityRefiner(io.ComfyNode):
             try:
                 with torch.inference_mode(False), torch.enable_grad():
                     net, ema = net.to(x.device), ema.to(x.device)
-                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration)
+                    rows = None if pooled is None else pooled.to(x.device)
+                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration, rows)
             finally:  # Cancel or error: keep what was learned, resumable from the last completed iteration
                 save_refiner(path, net.cpu(), ema.cpu(), info, shape, reached["iteration"])
             result["refiner"] = VelocityRefiner(ema.eval(), info, {"iteration": reached["iteration"], "path": path})

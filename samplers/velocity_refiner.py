@@ -21,15 +21,26 @@ from .conventions import append_dims
 Velocity = Callable[[Tensor, Tensor], Tensor]  # the base model's velocity v(x, sigma), sigma per row
 
 
+def tile_rows(t: Tensor, rows: int) -> Tensor:
+    """`t` [P, ...] cycled to `rows` rows, as ComfyUI tiles a conditioning batch onto a latent batch."""
+    return t.repeat((math.ceil(rows / t.shape[0]),) + (1,) * (t.ndim - 1))[:rows]
+
+
 class VelocityRefinerNet(nn.Module):
-    """Conv net on [x, v] with a noise-level embedding; zero-initialised output, so it starts as 'no change'.
+    """Conv net on [x, v] with a noise-level embedding (plus a projection of the pooled text conditioning when
+    pooled_dim > 0: Flux, SD3, SDXL); zero-initialised output, so it starts as 'no change'.
     Video latents [B, C, T, H, W] are refined frame by frame."""
 
-    def __init__(self, channels: int, hidden: int = 64, flow: bool = True, frequencies: int = 8) -> None:
+    def __init__(
+        self, channels: int, hidden: int = 64, flow: bool = True, frequencies: int = 8, pooled_dim: int = 0
+    ) -> None:
         super().__init__()
         self.channels, self.hidden, self.flow, self.frequencies = channels, hidden, flow, frequencies
+        self.pooled_dim = pooled_dim
         self.inp = nn.Conv2d(2 * channels, hidden, 3, padding=1)
         self.noise = nn.Sequential(nn.Linear(2 * frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        if pooled_dim:  # only then: refiners saved without it keep their exact state dict
+            self.pooled = nn.Linear(pooled_dim, hidden)
         self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.out = nn.Conv2d(hidden, channels, 3, padding=1)
         with torch.no_grad():
@@ -43,18 +54,26 @@ class VelocityRefinerNet(nn.Module):
         angles = level.float()[:, None] * k[None] * math.pi
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    def forward(self, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, v: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """pooled [B, pooled_dim]: the pooled conditioning of each row (required exactly when pooled_dim > 0)."""
         if x.ndim == 5:  # [B, C, T, H, W]: fold time into the batch
             b, c, t, h, w = x.shape
             fold = lambda a: a.movedim(2, 1).reshape(b * t, c, h, w)  # noqa: E731
-            out = self.forward(fold(x), sigma.repeat_interleave(t), fold(v))
+            per_frame = None if pooled is None else pooled.repeat_interleave(t, 0)
+            out = self.forward(fold(x), sigma.repeat_interleave(t), fold(v), per_frame)
             return out.reshape(b, t, c, h, w).movedim(1, 2)
+        if self.pooled_dim and (pooled is None or pooled.shape[-1] != self.pooled_dim):
+            got = "none" if pooled is None else f"{pooled.shape[-1]} features"
+            raise ValueError(f"this refiner needs a {self.pooled_dim}-feature pooled conditioning (got {got})")
         dtype = x.dtype
         x_in = x.float()
         if not self.flow:  # VE samples grow with sigma: feed them at unit scale, as ComfyUI's c_in does
             x_in = x_in / append_dims(torch.sqrt(1.0 + sigma.float() ** 2), x.ndim)
         hidden = nn.functional.silu(self.inp(torch.cat([x_in, v.float()], dim=1)))
-        hidden = hidden + self.noise(self.noise_features(sigma))[:, :, None, None]
+        embedding = self.noise(self.noise_features(sigma))
+        if self.pooled_dim:
+            embedding = embedding + self.pooled(pooled.float())  # type: ignore[union-attr]
+        hidden = hidden + embedding[:, :, None, None]
         hidden = nn.functional.silu(self.mid(hidden))
         return self.out(hidden).to(dtype)
 
@@ -106,9 +125,11 @@ def train_velocity_refiner(
     seed: int,
     start_iteration: int = 0,
     on_iteration: Callable[[int, float], None] | None = None,
+    pooled: Tensor | None = None,
 ) -> int:
     """Distil `net` (AdamW) with an EMA copy in `ema`; returns the iteration reached. on_iteration may raise
-    to stop (Cancel): the weights trained so far stay in net and ema."""
+    to stop (Cancel): the weights trained so far stay in net and ema. pooled [P, D]: the pooled conditioning the
+    base model's velocity sees, tiled over a batch's rows the way ComfyUI tiles it (row j: pooled[j % P])."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(seed + start_iteration)
     iteration = start_iteration
@@ -118,7 +139,8 @@ def train_velocity_refiner(
                 velocity, data, sigmas, net.flow, config.batch_size, config.max_step_fraction, generator
             )
         x, sigma, v, target = (t.detach().clone().float() for t in (x, sigma, v, target))
-        loss = (net(x, sigma, v) - target).pow(2).mean()
+        rows = None if pooled is None else tile_rows(pooled, x.shape[0]).detach().clone().float()
+        loss = (net(x, sigma, v, rows) - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,6 +153,8 @@ def train_velocity_refiner(
     return iteration
 
 
-def new_refiner(channels: int, flow: bool, hidden: int = 64) -> tuple[VelocityRefinerNet, VelocityRefinerNet]:
-    net = VelocityRefinerNet(channels, hidden, flow)
+def new_refiner(
+    channels: int, flow: bool, hidden: int = 64, pooled_dim: int = 0
+) -> tuple[VelocityRefinerNet, VelocityRefinerNet]:
+    net = VelocityRefinerNet(channels, hidden, flow, pooled_dim=pooled_dim)
     return net, copy.deepcopy(net).requires_grad_(False)

@@ -258,3 +258,89 @@ def test_node_model_calls_and_eps_models():
 def test_sampler_errors():
     with pytest.raises(ValueError, match="refiner: refine_steps = 2 needs a refiner"):
         flowturbo(1, 2)
+
+
+# ---------------------------------------------------------------- pooled conditioning, old files, compilation
+
+
+def test_refiner_sees_the_positive_prompts_pooled_conditioning_in_training_and_sampling(monkeypatch):
+    """Tiny Flux (pooled_output: CLIP-L style vector): the trained refiner has a pooled projection, and every refiner
+    call, in training and in FlowTurbo's R steps, gets the positive prompt's pooled vector for each row."""
+    seen = []
+    forward = ftn.VelocityRefinerNet.forward
+
+    def recording(self, x, sigma, v, pooled=None):
+        if x.ndim == 4:
+            seen.append(pooled)
+        return forward(self, x, sigma, v, pooled)
+
+    monkeypatch.setattr(ftn.VelocityRefinerNet, "forward", recording)
+    model = tiny_models.build_tiny_model("flux")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    pooled = cond[0][1]["pooled_output"]
+    refiner = train(model, cond, tiny_models.latent_shape("flux"), "pooled_flux", iterations=3, samples=2, steps=2,
+                    resume=False)  # fmt: skip
+    assert refiner.net.pooled_dim == pooled.shape[-1]
+    assert len(seen) == 3 and all(torch.equal(p, pooled.expand(8, -1)) for p in seen)  # batch_size 8 rows
+    assert ftn.load_refiner_file(ftn.refiner_path("pooled_flux"))[3]["pooled_dim"] == str(pooled.shape[-1])
+    seen.clear()
+    sample_with(model, flowturbo(1, 3, refiner), 6, cond, torch.zeros(tiny_models.latent_shape("flux", 2)))
+    assert len(seen) == 2 * 3 - 1  # R steps: d0 and d1 refined, the final one Euler on d0 only
+    assert all(torch.equal(p, pooled.expand(2, -1)) for p in seen)
+    x, v, sigma = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.5, 0.5])
+    assert not torch.equal(refiner.function(False, pooled)(x, sigma, v), refiner.function(False, -pooled)(x, sigma, v))
+    with pytest.raises(ValueError, match=r"refiner: trained with a \d+-feature pooled conditioning .* has none"):
+        refiner.function(False, None)
+    with pytest.raises(ValueError, match=r"refiner: .* but the positive conditioning has 3 features"):
+        refiner.function(False, torch.zeros(1, 3))
+
+
+def test_refiners_saved_before_pooled_conditioning_still_load_and_sample():
+    """A file as the first release wrote it (no pooled_dim in the metadata, no pooled weights) loads, ignores the
+    model's pooled conditioning, and samples exactly like the network it was saved from."""
+    import safetensors.torch
+
+    model = tiny_models.build_tiny_model("flux")
+    net, ema = ftn.new_refiner(16, True, 8)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    path = ftn.refiner_path("old_format")
+    ftn.save_refiner(path, net, ema, ftn.BaseModelInfo.of(model.model), (16, 8, 8), 10)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    del metadata["pooled_dim"]
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata=metadata)
+    loaded = ftn.LoadVelocityRefiner.execute("old_format.safetensors").result[0]
+    assert loaded.net.pooled_dim == 0 and not hasattr(loaded.net, "pooled")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    latent = torch.zeros(tiny_models.latent_shape("flux"))
+    direct = ftn.VelocityRefiner(ema.eval(), ftn.BaseModelInfo.of(model.model))
+    assert torch.equal(sample_with(model, flowturbo(1, 3, loaded), 6, cond, latent),
+                       sample_with(model, flowturbo(1, 3, direct), 6, cond, latent))  # fmt: skip
+
+
+def test_compiled_refiner_matches_the_eager_one():
+    """compile_refiner on CPU: H1P1R4 on the tiny Flux model with a refiner of random weights (and a pooled
+    projection) gives the eager samples to float tolerance, and the refiner is compiled once and reused. The backend
+    is aot_eager: Dynamo capture and AOT tracing of the refiner as the node runs them, without inductor's C++ code
+    generation, which takes 38-50 s from a cold cache on this CPU (17 s warm) - too slow for the suite."""
+    model = tiny_models.build_tiny_model("flux")
+    net, ema = ftn.new_refiner(16, True, 8, pooled_dim=tiny_models.COND_DIMS["flux"][1])
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    refiner = ftn.VelocityRefiner(ema.eval(), ftn.BaseModelInfo.of(model.model), compile_backend="aot_eager")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    latent = torch.zeros(tiny_models.latent_shape("flux", 2))
+
+    def run(compile_):
+        sampler = ftn.FlowTurboSampler.execute(1, 4, refiner, "consistent", compile_).result[0]
+        return sample_with(model, sampler, 6, cond, latent)
+
+    eager = run(False)
+    compiled = run(True)
+    assert refiner._compiled is not None
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(eager, sample_with(model, flowturbo(1, 0), 6, cond, latent))  # the refiner acts
+    assert torch.equal(run(True), compiled)  # reused, deterministic
