@@ -4,8 +4,8 @@ Each workflow below is a compact spec (node types, widget values by name, links 
 itself creates the nodes, sets the widgets, links them and saves the graph, so the files are exactly what a
 user's ComfyUI saves (UI format, example_workflows/<name>.json) and exports for scripting (API format,
 example_workflows/api/<name>.json; ComfyUI's template browser lists only the top folder). Thumbnails
-(<name>.jpg): for demo workflows the images they make (so building them runs them), for the others a
-screenshot of the laid-out graph.
+(<name>.jpg): for demo workflows the images they make (so building them runs them; a second row with the
+technique switched off where the workflow names a baseline), for the others a screenshot of the graph.
 
     .venv/bin/python scripts/example_workflow_builder.py            # rewrite every workflow
     .venv/bin/python scripts/example_workflow_builder.py pag_sdxl   # only these
@@ -46,6 +46,8 @@ class Workflow:
     note: str
     nodes: list[N]
     demo: bool = False  # runs on the pack's demo models (no download); the browser test queues these
+    # Widget values that switch the technique off ({node id: {widget: value}}): the thumbnail's second row.
+    baseline: dict = field(default_factory=dict)
 
 
 def note(text: str) -> N:
@@ -341,6 +343,7 @@ def _demo_workflows() -> list[Workflow]:
             *decode_and_save(7, (6, 0), (1, 1), "demo_pag"),
         ],
         demo=True,
+        baseline={2: {"scale": 0.0}},
     )
     tstitch = Workflow(
         "tstitch_demo",
@@ -357,6 +360,7 @@ def _demo_workflows() -> list[Workflow]:
             *decode_and_save(8, (7, 0), (2, 1), "demo_tstitch"),
         ],
         demo=True,
+        baseline={3: {"small_fraction": 0.0}},
     )
     fkc = Workflow(
         "fkc_demo",
@@ -376,6 +380,7 @@ def _demo_workflows() -> list[Workflow]:
             *decode_and_save(10, (9, 0), (1, 1), "demo_fkc"),
         ],
         demo=True,
+        baseline={5: {"particles": 1}},
     )
     flowturbo = Workflow(
         "flowturbo_demo",
@@ -612,8 +617,8 @@ def graph_thumbnail(page) -> bytes:
     return jpeg(shot)
 
 
-def result_thumbnail(server_url: str, outputs: dict) -> bytes:
-    """What a demo workflow made: its images (or a video's frames) side by side, enlarged without smoothing."""
+def fetch_frames(server_url: str, outputs: dict) -> list:
+    """A run's saved images (every frame of an animation), in order."""
     import urllib.parse
     import urllib.request
 
@@ -623,12 +628,47 @@ def result_thumbnail(server_url: str, outputs: dict) -> bytes:
     for image in [image for images in outputs.values() for image in images]:
         with urllib.request.urlopen(f"{server_url}/api/view?{urllib.parse.urlencode(image)}", timeout=30) as r:
             frames += [f.convert("RGB") for f in ImageSequence.Iterator(Image.open(io.BytesIO(r.read())))]
-    width, height = frames[0].size
-    strip = Image.new("RGB", (len(frames) * (width + 2) - 2, height), (24, 24, 24))
-    for i, frame in enumerate(frames):
-        strip.paste(frame, (i * (width + 2), 0))
-    scale = max(1, THUMBNAIL_SIZE[0] // strip.width)
-    return jpeg(strip.resize((strip.width * scale, strip.height * scale), Image.Resampling.NEAREST))
+    return frames
+
+
+def result_thumbnail(rows: list[list]) -> bytes:
+    """Rows of images (or a video's frames) side by side, enlarged without smoothing."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (max(map(len, rows)) * (width + 2) - 2, len(rows) * (height + 2) - 2), (24, 24, 24))
+    for r, row in enumerate(rows):
+        for i, frame in enumerate(row):
+            sheet.paste(frame, (i * (width + 2), r * (height + 2)))
+    scale = max(1, min(THUMBNAIL_SIZE[0] // sheet.width, THUMBNAIL_SIZE[1] // sheet.height))
+    return jpeg(sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST))
+
+
+SET_WIDGETS_JS = """
+([overrides]) => {
+  const previous = {};
+  for (const [id, values] of Object.entries(overrides)) {
+    const node = window.app.graph.getNodeById(Number(id));
+    previous[id] = {};
+    for (const [name, value] of Object.entries(values)) {
+      const widget = node.widgets.find((w) => w.name === name);
+      previous[id][name] = widget.value;
+      widget.value = value;
+    }
+  }
+  return previous;
+}
+"""
+
+
+def demo_thumbnail(page, server_url: str, w: Workflow) -> bytes:
+    """What a demo workflow makes; with a baseline, a second row made with the technique switched off."""
+    rows = [fetch_frames(server_url, page.evaluate(QUEUE_JS, [300_000])["outputs"])]
+    if w.baseline:
+        previous = page.evaluate(SET_WIDGETS_JS, [w.baseline])
+        rows.append(fetch_frames(server_url, page.evaluate(QUEUE_JS, [300_000])["outputs"]))
+        page.evaluate(SET_WIDGETS_JS, [previous])
+    return result_thumbnail(rows)
 
 
 def build(selected: list[str]) -> None:
@@ -643,7 +683,7 @@ def build(selected: list[str]) -> None:
         for w in chosen:
             result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
             if w.demo:  # a demo workflow's thumbnail is what it makes (the README shows it too)
-                picture = result_thumbnail(server.url, page.evaluate(QUEUE_JS, [300_000])["outputs"])
+                picture = demo_thumbnail(page, server.url, w)
             else:
                 picture = graph_thumbnail(page)
             write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
