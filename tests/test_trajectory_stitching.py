@@ -175,6 +175,32 @@ def test_the_small_model_is_released_from_model_management_after_the_switch(rele
     assert torch.equal(first, sample(stitch(small, large, 0.4), sampler="euler"))
 
 
+def test_a_chain_releases_each_model_after_its_segment():
+    """Three different models, switches at 0.2 and 0.6 of 10 euler steps, release = always: during each model's
+    calls exactly the models of its own and later segments are in ComfyUI's loaded list."""
+    models = [tiny_models.build_tiny_model("sd15", seed=s) for s in (3, 4, 0)]
+    log = []
+
+    def probe(index):
+        def wrapper(executor, x, t, *args, **kwargs):
+            log.append((index, tuple(loaded_record(m) is not None for m in models)))
+            return executor(x, t, *args, **kwargs)
+
+        return wrapper
+
+    probed = []
+    for index, model in enumerate(models):
+        clone = model.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.memory", probe(index))
+        probed.append(clone)
+    chained = ts.TStitchChain.execute(probed[0], probed[1], 0.2, "steps", model_3=probed[2], switch_2=0.6,
+                                      release_after_switch="always").result[0]  # fmt: skip
+    sample(chained, sampler="euler")
+    expected = {0: (True, True, True), 1: (False, True, True), 2: (False, False, True)}
+    assert [i for i, _ in log] == [0] * 2 + [1] * 4 + [2] * 4
+    assert all(loaded == expected[i] for i, loaded in log), log
+
+
 def test_r_zero_is_large_only_and_r_one_small_only():
     large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
     assert torch.equal(sample(stitch(small, large, 0.0)), sample(large))
