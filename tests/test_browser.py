@@ -63,6 +63,22 @@ async ([name, text]) => {
 """
 
 
+BANK_LABEL_JS = """
+() => window.app.graph.nodes.find((n) => n.type === "TL_VendiGuider")
+  ?.widgets.find((w) => w.name.startsWith("clear memory bank"))?.name
+"""
+# Press the bank button (its confirm() accepted) and wait for its label to show the emptied bank.
+CLEAR_BANK_JS = """
+async () => {
+  const node = window.app.graph.nodes.find((n) => n.type === "TL_VendiGuider");
+  const button = node.widgets.find((w) => w.name.startsWith("clear memory bank"));
+  const confirm = window.confirm;
+  window.confirm = () => true;
+  try { await button.callback(); } finally { window.confirm = confirm; }
+  return button.name;
+}
+"""
+
 FKC_STATE_JS = """
 () => window.app.graph.nodes.filter((n) => n.type === "TL_FKCSampler").map((node) => {
   const widget = node.widgets.find((w) => w.name === "trajectory_timeline");
@@ -140,8 +156,9 @@ def test_dropped_workflow_loads_completely_and_prompts_as_saved(page, name):
         want = expected_spans(node["type"], result["api"][str(node["id"])]["inputs"], linked)
         got = [edge for s in node["timeline"]["spans"] for edge in (s["from"], s["to"])]
         assert got == pytest.approx([edge for span in want for edge in span]), f"{name}: {node['type']} timeline"
-    if any(n["type"] == "TL_VendiGuider" for n in result["nodes"]):  # the c-VSG bank button is still there
-        assert any(w.startswith("clear memory bank") for n in result["nodes"] for w in n["widgets"])
+    if any(n["type"] == "TL_VendiGuider" for n in result["nodes"]):
+        # The c-VSG bank button asked the server for the bank's size (an empty bank in this fresh server).
+        page.wait_for_function(f"({BANK_LABEL_JS})() === 'clear memory bank (0 stored)'", timeout=10_000)
 
 
 def fkc_test_graph() -> Workflow:
@@ -224,6 +241,9 @@ def test_demo_workflow_runs_from_the_page_to_its_images(page, server, name):
         with urllib.request.urlopen(f"{server.url}/api/view?{urllib.parse.urlencode(file)}", timeout=10) as r:
             image = Image.open(io.BytesIO(r.read()))
         assert image.size == size and getattr(image, "n_frames", 1) == frames, (name, image.size, image.n_frames)
+    if "TL_VendiGuider" in text:  # the run stored its images in the memory bank; the node's button empties it
+        page.wait_for_function(f"({BANK_LABEL_JS})() === 'clear memory bank ({count} stored)'", timeout=10_000)
+        assert page.evaluate(CLEAR_BANK_JS) == "clear memory bank (0 stored)"
 
 
 def test_the_drop_check_sees_a_missing_node_and_a_lost_widget_value(page):

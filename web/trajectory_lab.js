@@ -43,9 +43,12 @@ const TIMELINES = {
   },
 };
 
+const percent = (x) => `${Math.round(x * 100)}%`;
+
 function window_(node, startName, endName, label) {
   const start = clamp01(value(node, startName, 0)), end = clamp01(value(node, endName, 1));
-  return { spans: end > start ? [{ from: start, to: end, color: COLORS.active, label }] : [], empty: `no ${label}` };
+  const text = `${label} ${percent(start)}-${percent(end)}`;
+  return { spans: end > start ? [{ from: start, to: end, color: COLORS.active, label: text }] : [], empty: `no ${label}` };
 }
 
 function stitch(switches, labels) {
@@ -53,7 +56,8 @@ function stitch(switches, labels) {
   const spans = [];
   for (let i = 0; i + 1 < edges.length; i++) {
     const from = Math.max(edges[i], spans.at(-1)?.to ?? 0), to = Math.max(edges[i + 1], from);
-    if (to > from) spans.push({ from, to, color: i % 2 ? COLORS.other : COLORS.active, label: labels[i] });
+    const label = `${labels[i]} ${percent(from)}-${percent(to)}`;
+    if (to > from) spans.push({ from, to, color: i % 2 ? COLORS.other : COLORS.active, label });
   }
   return { spans, empty: "" };
 }
@@ -81,8 +85,9 @@ function drawTimeline(ctx, timeline, x, y, width, height) {
 // FKC: per-step records of the latest run, keyed by the TL_FKCSampler node that drew them.
 const fkcRuns = new Map();
 
-function drawEssPlot(ctx, steps, x, y, width, height) {
+function drawEssPlot(ctx, steps, x, top, width, fullHeight) {
   ctx.save();
+  const caption = 12, y = top + caption, height = fullHeight - caption; // the caption sits above the plot
   ctx.fillStyle = "#222";
   ctx.fillRect(x, y, width, height);
   const total = steps[0].steps, dx = width / Math.max(total, 1);
@@ -103,7 +108,7 @@ function drawEssPlot(ctx, steps, x, y, width, height) {
   ctx.font = "10px sans-serif";
   ctx.textBaseline = "top";
   const resampled = steps.filter((s) => s.resampled).length;
-  ctx.fillText(`ESS / particles (line), resampled ${resampled} of ${total} steps (red)`, x + 3, y + 2, width - 6);
+  ctx.fillText(`ESS / particles (line); resampled ${resampled} of ${total} steps (red)`, x, top, width);
   ctx.restore();
 }
 
