@@ -140,6 +140,14 @@ def _base_model(model_k):
     return model_k.inner_model.inner_model
 
 
+def positive_batch(model_k) -> int:
+    """How many prompts the positive conditioning holds (its batch; ComfyUI tiles them over the latent rows)."""
+    conds = getattr(model_k.inner_model, "conds", None) or {}
+    rows = [c[key].shape[0] for c in conds.get("positive", []) for key in ("cross_attn", "pooled_output")
+            if c.get(key) is not None]  # fmt: skip
+    return max(rows, default=1)
+
+
 def positive_pooled(model_k) -> torch.Tensor | None:
     """The positive prompt's pooled conditioning (pooled_output: Flux, SD3, SDXL), or None when it has none."""
     conds = getattr(model_k.inner_model, "conds", None) or {}
@@ -354,7 +362,8 @@ class TrainVelocityRefiner(io.ComfyNode):
                 with torch.inference_mode(False), torch.enable_grad():
                     net, ema = net.to(x.device), ema.to(x.device)
                     rows = None if pooled is None else pooled.to(x.device)
-                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration, rows)
+                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration, rows,
+                                           positive_batch(model_k))  # fmt: skip
             finally:  # Cancel or error: keep what was learned, resumable from the last completed iteration
                 save_refiner(path, net.cpu(), ema.cpu(), info, shape, reached["iteration"])
             result["refiner"] = VelocityRefiner(ema.eval(), info, {"iteration": reached["iteration"], "path": path})

@@ -96,12 +96,19 @@ def interpolate_sigmas(sigmas: Tensor, position: Tensor) -> Tensor:
 
 def sample_training_pair(
     velocity: Velocity, data: Tensor, sigmas: Tensor, flow: bool, batch: int, step_fraction: float,
-    generator: torch.Generator,
+    generator: torch.Generator, prompts: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(x', s', v, target) for one batch: noise model samples to s, step along v to s', target v(x', s') - v."""
+    """(x', s', v, target) for one batch: noise model samples to s, step along v to s', target v(x', s') - v.
+
+    With a batch of `prompts` prompts, data row i was generated with prompt i % prompts and the velocity sees row j
+    with prompt j % prompts (ComfyUI tiles conditioning over rows), so row j draws only data of its own prompt.
+    """
     usable = sigmas[sigmas > 0]
     n = len(usable) - 1
-    pick = torch.randint(0, data.shape[0], (batch,), generator=generator)
+    groups = data.shape[0] // prompts
+    if groups < 1:
+        raise ValueError(f"samples: {data.shape[0]} model samples cannot cover {prompts} prompts")
+    pick = torch.randint(0, groups, (batch,), generator=generator) * prompts + torch.arange(batch) % prompts
     x0 = data[pick]
     start = torch.rand(batch, generator=generator, dtype=torch.float64) * n
     step = torch.rand(batch, generator=generator, dtype=torch.float64) * step_fraction * n
@@ -126,18 +133,24 @@ def train_velocity_refiner(
     start_iteration: int = 0,
     on_iteration: Callable[[int, float], None] | None = None,
     pooled: Tensor | None = None,
+    prompts: int | None = None,
 ) -> int:
     """Distil `net` (AdamW) with an EMA copy in `ema`; returns the iteration reached. on_iteration may raise
     to stop (Cancel): the weights trained so far stay in net and ema. pooled [P, D]: the pooled conditioning the
-    base model's velocity sees, tiled over a batch's rows the way ComfyUI tiles it (row j: pooled[j % P])."""
+    base model's velocity sees, tiled over a batch's rows the way ComfyUI tiles it (row j: pooled[j % P]); P > 1
+    prompts: each row trains on samples of its own prompt (see sample_training_pair). prompts: the conditioning's
+    batch, by default pooled's rows (or 1)."""
+    if prompts is None:
+        prompts = 1 if pooled is None else pooled.shape[0]
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(seed + start_iteration)
     iteration = start_iteration
     while iteration < config.iterations:
         with torch.no_grad():
             x, sigma, v, target = sample_training_pair(
-                velocity, data, sigmas, net.flow, config.batch_size, config.max_step_fraction, generator
-            )
+                velocity, data, sigmas, net.flow, config.batch_size, config.max_step_fraction, generator,
+                prompts,
+            )  # fmt: skip
         x, sigma, v, target = (t.detach().clone().float() for t in (x, sigma, v, target))
         rows = None if pooled is None else tile_rows(pooled, x.shape[0]).detach().clone().float()
         loss = (net(x, sigma, v, rows) - target).pow(2).mean()

@@ -276,23 +276,39 @@ def test_refiner_sees_the_positive_prompts_pooled_conditioning_in_training_and_s
 
     monkeypatch.setattr(ftn.VelocityRefinerNet, "forward", recording)
     model = tiny_models.build_tiny_model("flux")
-    cond = tiny_models.tiny_conditioning("flux", 1)
+    cond = tiny_models.tiny_conditioning("flux", 1, batch=2)  # two prompts: rows alternate between them
     pooled = cond[0][1]["pooled_output"]
-    refiner = train(model, cond, tiny_models.latent_shape("flux"), "pooled_flux", iterations=3, samples=2, steps=2,
+    refiner = train(model, cond, tiny_models.latent_shape("flux"), "pooled_flux", iterations=3, samples=4, steps=2,
                     resume=False)  # fmt: skip
     assert refiner.net.pooled_dim == pooled.shape[-1]
-    assert len(seen) == 3 and all(torch.equal(p, pooled.expand(8, -1)) for p in seen)  # batch_size 8 rows
+    assert len(seen) == 3 and all(torch.equal(p, pooled.repeat(4, 1)) for p in seen)  # batch_size 8 rows
     assert ftn.load_refiner_file(ftn.refiner_path("pooled_flux"))[3]["pooled_dim"] == str(pooled.shape[-1])
     seen.clear()
     sample_with(model, flowturbo(1, 3, refiner), 6, cond, torch.zeros(tiny_models.latent_shape("flux", 2)))
     assert len(seen) == 2 * 3 - 1  # R steps: d0 and d1 refined, the final one Euler on d0 only
-    assert all(torch.equal(p, pooled.expand(2, -1)) for p in seen)
+    assert all(torch.equal(p, pooled) for p in seen)
     x, v, sigma = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.5, 0.5])
     assert not torch.equal(refiner.function(False, pooled)(x, sigma, v), refiner.function(False, -pooled)(x, sigma, v))
     with pytest.raises(ValueError, match=r"refiner: trained with a \d+-feature pooled conditioning .* has none"):
         refiner.function(False, None)
     with pytest.raises(ValueError, match=r"refiner: .* but the positive conditioning has 3 features"):
         refiner.function(False, torch.zeros(1, 3))
+
+
+def test_training_rows_draw_samples_of_their_own_prompt():
+    """With P prompts, data row i was generated with prompt i % P, and ComfyUI gives training row j prompt j % P:
+    row j must draw from data rows = j (mod P). Data row i holds the value i % 3; at sigma ~ 0 x is the data."""
+    vr = pack("samplers.velocity_refiner")
+    data = (torch.arange(12) % 3).float()[:, None, None, None].expand(12, 1, 2, 2).clone()
+    sigmas = torch.tensor([1e-6, 5e-7, 0.0])
+    x, _, _, _ = vr.sample_training_pair(lambda x, s: torch.zeros_like(x), data, sigmas, True, 10, 0.12,
+                                         torch.Generator().manual_seed(0), prompts=3)  # fmt: skip
+    torch.testing.assert_close(x.mean((1, 2, 3)), (torch.arange(10) % 3).float(), atol=1e-4, rtol=0)
+    one_prompt, *_ = vr.sample_training_pair(lambda x, s: torch.zeros_like(x), data, sigmas, True, 64, 0.12,
+                                             torch.Generator().manual_seed(0))  # fmt: skip
+    assert set(one_prompt.mean((1, 2, 3)).round().tolist()) == {0.0, 1.0, 2.0}  # one prompt: any row
+    with pytest.raises(ValueError, match="samples: 12 model samples cannot cover 13 prompts"):
+        vr.sample_training_pair(lambda x, s: x, data, sigmas, True, 4, 0.12, torch.Generator(), prompts=13)
 
 
 def test_refiners_saved_before_pooled_conditioning_still_load_and_sample():
