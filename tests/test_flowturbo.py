@@ -311,16 +311,22 @@ def test_training_rows_draw_samples_of_their_own_prompt():
         vr.sample_training_pair(lambda x, s: x, data, sigmas, True, 4, 0.12, torch.Generator(), prompts=13)
 
 
+def random_refiner(pooled_dim=0):
+    """(net, ema) for the tiny Flux latents with seeded random EMA weights, so the refiner changes samples."""
+    net, ema = ftn.new_refiner(16, True, 8, pooled_dim)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    return net, ema
+
+
 def test_refiners_saved_before_pooled_conditioning_still_load_and_sample():
     """A file as the first release wrote it (no pooled_dim in the metadata, no pooled weights) loads, ignores the
     model's pooled conditioning, and samples exactly like the network it was saved from."""
     import safetensors.torch
 
     model = tiny_models.build_tiny_model("flux")
-    net, ema = ftn.new_refiner(16, True, 8)
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    net, ema = random_refiner()
     path = ftn.refiner_path("old_format")
     ftn.save_refiner(path, net, ema, ftn.BaseModelInfo.of(model.model), (16, 8, 8), 10)
     with safetensors.safe_open(path, "pt") as f:
@@ -342,10 +348,7 @@ def test_compiled_refiner_matches_the_eager_one():
     is aot_eager: Dynamo capture and AOT tracing of the refiner as the node runs them, without inductor's C++ code
     generation, which takes 38-50 s from a cold cache on this CPU (17 s warm) - too slow for the suite."""
     model = tiny_models.build_tiny_model("flux")
-    net, ema = ftn.new_refiner(16, True, 8, pooled_dim=tiny_models.COND_DIMS["flux"][1])
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    _, ema = random_refiner(pooled_dim=tiny_models.COND_DIMS["flux"][1])
     refiner = ftn.VelocityRefiner(ema.eval(), ftn.BaseModelInfo.of(model.model), compile_backend="aot_eager")
     cond = tiny_models.tiny_conditioning("flux", 1)
     latent = torch.zeros(tiny_models.latent_shape("flux", 2))
