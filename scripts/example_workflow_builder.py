@@ -128,8 +128,9 @@ def _real_workflows() -> list[Workflow]:
         "tstitch_ssd1b_sdxl",
         "**T-Stitch: SSD-1B then SDXL.** The small SSD-1B (same latent space and text encoders as SDXL) "
         "denoises the first 40% of the steps, where the image's layout forms and a small model suffices; "
-        "SDXL finishes the details. About 1.4x faster than SDXL alone at a similar look. The timeline on the "
-        "node marks the switch. Put `SSD-1B.safetensors` and `sd_xl_base_1.0.safetensors` in models/checkpoints.",
+        "SDXL finishes the details. An SSD-1B step costs about 0.6 of an SDXL step, so this takes about 15% less "
+        "time than SDXL alone; raise small_fraction for more. The timeline on the node marks the switch. Put "
+        "`SSD-1B.safetensors` and `sd_xl_base_1.0.safetensors` in models/checkpoints.",
         [
             N(1, "CheckpointLoaderSimple", {"ckpt_name": "SSD-1B.safetensors"}, title="Small model (SSD-1B)"),
             N(2, "CheckpointLoaderSimple", {"ckpt_name": SDXL}, title="Large model (SDXL)"),
