@@ -62,14 +62,16 @@ REFERENCE_SIZE, PCA_DIMS = 512, 16
 
 
 class FeatureSpace:
-    """Features centred on a real reference set and projected on its top principal axes: a Fréchet distance over
-    32 images in 128 dimensions would measure mostly its own small-sample bias."""
+    """Features centred on a real reference set, projected on its top principal axes and whitened (unit variance
+    per axis), so Fréchet distances are unitless and comparable across experiments: one over 32 images in 128
+    raw dimensions would measure mostly its own small-sample bias."""
 
     def __init__(self, reference: torch.Tensor, dims: int = PCA_DIMS) -> None:
         reference = reference.double().flatten(1)
         self.mean = reference.mean(0)
-        _, _, vt = torch.linalg.svd(reference - self.mean, full_matrices=False)
-        self.basis = vt[:dims].T
+        _, singular, vt = torch.linalg.svd(reference - self.mean, full_matrices=False)
+        scale = singular[:dims] / (reference.shape[0] - 1) ** 0.5  # each axis in units of the real set's spread
+        self.basis = vt[:dims].T / scale.clamp_min(1e-12)
         self.reference = self.project(reference)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -796,9 +798,9 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
         f"{environment_line('cpu')}. {world.note}. Seeds {seed_list}: mean ± sd over seeds, each seed a batch of "
         f"{len(PROMPTS) * PER_PROMPT} images (4 prompts × {PER_PROMPT}) or {2 * PER_PROMPT} of one prompt. adherence "
         "= fraction of images showing every prompted attribute; FD = Fréchet distance to real scenes of the same "
-        f"prompts, in the judge's feature space projected on its top {PCA_DIMS} principal axes (lower is closer; "
-        "the 'real scenes (floor)' row is what fresh real images of the same count score); Vendi = Vendi score of "
-        "the set (higher is more diverse); s per image = wall time on this CPU.",
+        f"prompts, in the judge's feature space projected on its top {PCA_DIMS} principal axes, whitened (lower is "
+        "closer; the 'real scenes (floor)' row is what fresh real images of the same count score); Vendi = Vendi "
+        "score of the set (higher is more diverse); s per image = wall time on this CPU.",
         "",
     ]
     if isinstance(world, DemoWorld):
