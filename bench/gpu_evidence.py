@@ -41,7 +41,7 @@ def document(body: str, checks, device: str, seconds: float, budget: float, tiny
         "Random weights: timings and ratios only, no image quality. Verdicts compare with the target named in the "
         "row (the project's issues) or the paper's claim; **misses** marks a disagreement.",
         "",
-        checks_table(checks),
+        checks_table(checks, device),
         body,
     ]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
