@@ -805,7 +805,7 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
     ]
     if isinstance(world, DemoWorld):
         lines += ["Judges on 256 real scenes with known labels (the ceiling of every adherence figure):", "",
-                  judge_check(world), ""]  # fmt: skip
+                  judge_check(world), "", *manifest_lines(), ""]  # fmt: skip
     per_experiment: dict[str, list[Row]] = {}
     for name in names or EXPERIMENTS:
         fn, description = EXPERIMENTS[name]
@@ -818,11 +818,32 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
             traceback.print_exc()
             per_experiment[name] = [Row(name, "—", note=f"failed: {type(error).__name__}: {str(error)[:90]}")]
         print(f"quality {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    lines += ["#### Claims against baselines", "", *claims_table(per_experiment), ""]
+    lines += ["#### Claims against baselines", "",
+              "Verdict: better or worse only when the means differ by more than the two seed spreads together. A "
+              "disagreement here can come from a weak demo model (see the training record above) as much as from "
+              "the technique; the exactness section is the ground truth for each algorithm.", "",
+              *claims_table(per_experiment), ""]  # fmt: skip
     for name, rows in per_experiment.items():
         lines += [f"#### {EXPERIMENTS[name][1]}", "", *table(rows), ""]
     lines.append(f"({time.perf_counter() - started:.0f} s for this section)")
     return "\n".join(lines) + "\n"
+
+
+def manifest_lines() -> list[str]:
+    """The demo weights' training record (demo/weights/MANIFEST.json): how much training each model had."""
+    import json
+
+    from common import REPO
+
+    path = REPO / "demo" / "weights" / "MANIFEST.json"
+    if not path.is_file():
+        return ["No demo/weights/MANIFEST.json: the demo models' training is not recorded."]
+    lines = ["Demo weights used (demo/weights/MANIFEST.json):", "",
+             "| file | steps | training s | final loss | trained at |", "|---|--:|--:|--:|---|"]  # fmt: skip
+    for name, entry in sorted(json.loads(path.read_text()).items()):
+        lines.append(f"| {name} | {entry.get('steps', '—')} | {entry.get('seconds', '—')} "
+                     f"| {entry.get('final_loss', '—')} | {entry.get('trained_at', '—')} |")  # fmt: skip
+    return lines
 
 
 def judge_check(world: DemoWorld, n: int = 256) -> str:
