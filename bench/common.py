@@ -149,3 +149,15 @@ def bench_arguments(doc: str, out_name: str, cpu_repeats: int, cuda_repeats: int
         torch.set_num_threads(1)
     args.repeats = args.repeats or (cpu_repeats if args.device == "cpu" else cuda_repeats)
     return args  # fmt: skip
+
+
+def run_benchmark(doc: str, out_name: str, cpu_repeats: int, cuda_repeats: int, produce) -> int:
+    """A benchmark's main(): parse the shared command line, start ComfyUI, write produce(device, repeats)."""
+    args = bench_arguments(doc, out_name, cpu_repeats, cuda_repeats)
+    if args is None:
+        return 2
+    start_comfyui(args.device)
+    text = produce(args.device, args.repeats)
+    write_atomically(args.out, text)
+    print(text)
+    return 0

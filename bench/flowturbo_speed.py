@@ -24,12 +24,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     FULL_SIZE,
-    bench_arguments,
     build_full_size,
     environment_line,
     random_conditioning,
-    start_comfyui,
-    write_atomically,
+    run_benchmark,
 )
 
 # (label, sampler spec, steps): every plan costs 15 model calls on CPU (Euler 15; Heun 8 = 15; H1P13 = 15 steps).
@@ -98,14 +96,7 @@ def markdown(title: str, rows, device: str, repeats: int) -> str:
 
 
 def main() -> int:
-    args = bench_arguments(__doc__, "FLOWTURBO_SPEED.md", 5, 3)
-    if args is None:
-        return 2
-    start_comfyui(args.device)
-    text = markdown(*measure(args.device, args.repeats), args.device, args.repeats)
-    write_atomically(args.out, text)
-    print(text)
-    return 0
+    return run_benchmark(__doc__, "FLOWTURBO_SPEED.md", 5, 3, lambda d, r: markdown(*measure(d, r), d, r))
 
 
 if __name__ == "__main__":

@@ -23,12 +23,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     FULL_SIZE,
-    bench_arguments,
     build_full_size,
     environment_line,
     random_conditioning,
-    start_comfyui,
-    write_atomically,
+    run_benchmark,
 )
 
 STEPS, CFG, BATCH, RATIO = 10, 5.0, 2, 0.4
@@ -123,14 +121,7 @@ def markdown(title: str, med: dict[str, float], device: str, repeats: int) -> st
 
 
 def main() -> int:
-    args = bench_arguments(__doc__, "TSTITCH_SPEED.md", 5, 3)
-    if args is None:
-        return 2
-    start_comfyui(args.device)
-    text = markdown(*measure(args.device, args.repeats), args.device, args.repeats)
-    write_atomically(args.out, text)
-    print(text)
-    return 0
+    return run_benchmark(__doc__, "TSTITCH_SPEED.md", 5, 3, lambda d, r: markdown(*measure(d, r), d, r))
 
 
 if __name__ == "__main__":
