@@ -36,6 +36,8 @@ RUN_KEY = "trajectory_lab.tstitch_run"  # guider model_options entry holding the
 SWITCH_BY = ["steps", "sigma"]
 HISTORY = ["carry", "restart"]
 RELEASE = ["when_vram_short", "always"]
+# The modules of the sampler functions restart can split: ComfyUI's own samplers.
+SPLITTABLE = ("comfy.k_diffusion.sampling", "comfy.samplers", "comfy.extra_samplers.uni_pc")
 
 
 @dataclass
@@ -184,11 +186,16 @@ def restarting_sampler(sampler, bounds: list[tuple[int, int]]):
 
     Every segment draws from one noise sampler built for the whole run, as the sampler itself would build it, so
     single-step stochastic samplers get exactly the noise of an unsplit run (and no segment replays another's).
-    Samplers that are not KSAMPLERs keep their history (they own their loop).
+    Only ComfyUI's own k-diffusion samplers are split: others (FKC particles, FlowTurbo plans, other packs) keep
+    state or a plan across the whole schedule that a split would break, so they are refused with a clear error.
     """
-    if len(bounds) <= 1 or not isinstance(sampler, comfy.samplers.KSAMPLER):
+    if len(bounds) <= 1:
         return sampler
-    inner = sampler.sampler_function
+    inner = getattr(sampler, "sampler_function", None)
+    if type(sampler) is not comfy.samplers.KSAMPLER or getattr(inner, "__module__", None) not in SPLITTABLE:
+        name = getattr(inner, "__name__", type(sampler).__name__)
+        raise ValueError(f"history: restart works with ComfyUI's built-in samplers, but this sampler ({name}) runs "
+                         "its own loop over the whole schedule; use history = carry")  # fmt: skip
     takes_noise_sampler = "noise_sampler" in inspect.signature(inner).parameters
 
     def run_segments(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):

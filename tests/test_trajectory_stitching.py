@@ -86,17 +86,17 @@ def test_restart_leaves_single_step_samplers_and_their_noise_unchanged(sampler):
     assert torch.equal(restarted, sample(base, sampler=sampler))
 
 
-@pytest.mark.parametrize("path", ["model", "guider"])
-def test_restart_runs_the_large_segment_as_a_fresh_multistep_run_from_the_switch_state(path):
-    """dpmpp_2m, 10 steps, r = 0.4: the stitched run equals small-only dpmpp_2m over the first 4 steps followed by a
-    fresh large-only dpmpp_2m over the last 6, started from that state (tolerance: the latent scale round trip)."""
+@pytest.mark.parametrize("path,name", [("model", "dpmpp_2m"), ("guider", "dpmpp_2m"), ("model", "uni_pc")])
+def test_restart_runs_the_large_segment_as_a_fresh_multistep_run_from_the_switch_state(path, name):
+    """10 steps, r = 0.4: the stitched run equals a small-only run over the first 4 steps followed by a fresh
+    large-only run over the last 6, started from that state (tolerance: the latent scale round trip)."""
     large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
     positive = tiny_models.tiny_conditioning("sd15", 1)
     negative = [[torch.zeros_like(positive[0][0]), {}]]
     latent = torch.zeros(tiny_models.latent_shape("sd15"))
     noise = comfy.sample.prepare_noise(latent, 0)
     sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "normal", 10)
-    sampler = comfy.samplers.sampler_object("dpmpp_2m")
+    sampler = comfy.samplers.sampler_object(name)
 
     def custom(model, noise, sigmas, latent, callback=None):
         return comfy.sample.sample_custom(model, noise, 2.0, sampler, sigmas, positive, negative, latent,
@@ -343,3 +343,13 @@ def test_clear_errors():
         ts.TStitchChain.execute(sd15, sd15, 0.2, "steps", model_4=sd15)
     with pytest.raises(ValueError, match="must not decrease"):
         ts.TStitchChain.execute(sd15, sd15, 0.6, "steps", model_3=sd15, switch_2=0.3)
+    with pytest.raises(ValueError, match="history: 'fresh' is not one of"):
+        ts.TStitchModel.execute(sd15, sd15, 0.4, "steps", "fresh")
+    turbo = pack("nodes.flowturbo").FlowTurboSampler.execute(1, 0).result[0]
+    sigmas = comfy.samplers.calculate_sigmas(sd15.get_model_object("model_sampling"), "normal", 6)
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    with pytest.raises(ValueError, match=r"history: restart works with ComfyUI's built-in samplers, but this sampler "
+                                         r"\(flowturbo_sampler_fn\) runs its own loop"):  # fmt: skip
+        comfy.sample.sample_custom(stitch(sd15, sd15, 0.5, history="restart"), latent, 1.0, turbo, sigmas, positive,
+                                   positive, latent, disable_pbar=True)  # fmt: skip
