@@ -805,7 +805,7 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
     ]
     if isinstance(world, DemoWorld):
         lines += ["Judges on 256 real scenes with known labels (the ceiling of every adherence figure):", "",
-                  judge_check(world), "", *manifest_lines(), ""]  # fmt: skip
+                  judge_check(world), "", *metric_checks(), "", *manifest_lines(), ""]  # fmt: skip
     per_experiment: dict[str, list[Row]] = {}
     for name in names or EXPERIMENTS:
         fn, description = EXPERIMENTS[name]
@@ -827,6 +827,22 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
         lines += [f"#### {EXPERIMENTS[name][1]}", "", *table(rows), ""]
     lines.append(f"({time.perf_counter() - started:.0f} s for this section)")
     return "\n".join(lines) + "\n"
+
+
+def metric_checks() -> list[str]:
+    """The metrics against closed forms: Fréchet distance of two Gaussians (|Δμ|² + tr(A + B − 2(AB)^½) with
+    A = I, B = 4I in 8 dims: |Δμ|² + 8), and the Vendi score of identical (1) and orthogonal (n) rows."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 8, generator=gen, dtype=torch.float64)
+    b = 2 * torch.randn(20000, 8, generator=gen, dtype=torch.float64) + torch.tensor([1.0] + [0.0] * 7)
+    fd = frechet_distance(a, b)
+    same = frechet_distance(a, a)
+    ones = vendi(torch.ones(5, 3))
+    eye = vendi(torch.eye(6))
+    ok = abs(fd - 9.0) < 0.3 and abs(same) < 1e-9 and abs(ones - 1) < 1e-9 and abs(eye - 6) < 1e-9
+    return [f"Metric self-check ({'passes' if ok else '**fails**'}): FD(N(0, I), N(e₁, 4I)) in 8 dims from 20,000 "
+            f"samples each = {fd:.3f} (exact 9); FD(a, a) = {same:.1e}; Vendi of 5 identical rows = {ones:.6f} "
+            f"(exact 1), of 6 orthogonal rows = {eye:.6f} (exact 6)."]  # fmt: skip
 
 
 def manifest_lines() -> list[str]:
