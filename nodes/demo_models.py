@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -80,16 +81,25 @@ class DemoVideoLatent(_FoldedFormat):
     latent_dimensions = 3
 
 
-def _demo_config(base: type, latent_format: type, shift: float | None = None) -> type:
+def _demo_config(base: type, latent_format: type, shift: float | None = None, v_prediction: bool = False) -> type:
     """A supported_models config class with the demo latent format (and flow shift, for flow models)."""
+    # inpaint_model: SD configs call any UNet with more than 4 input channels an inpainting model (and concatenate
+    # a mask and an image to its input); the demo latents just have 48 channels.
     attrs: dict[str, Any] = {"latent_format": latent_format, "unet_extra_config": {}}
+    attrs["inpaint_model"] = lambda self: False
     if shift is not None:
         attrs["sampling_settings"] = {"shift": shift}
+    if v_prediction:
+        attrs["model_type"] = lambda self, state_dict, prefix="": comfy.model_base.ModelType.V_PREDICTION
     return type(f"Demo{base.__name__}", (base,), attrs)
 
 
+# The UNets predict v (as SD 2.x 768-v does) on SD1.5's discrete schedule. Measured with EPS: every latent cell holds
+# 48 values of noise that the network must reproduce, and after 1000 steps the eps error left at sigma 3 gave a
+# denoised estimate worse than predicting zero (mse 0.65 vs 0.28), so samples stayed noise. v keeps the high-noise
+# prediction near -x0, bounded.
 _CONFIG_CLASSES = {
-    "sd15": _demo_config(comfy.supported_models.SD15, DemoImageLatent),
+    "sd15": _demo_config(comfy.supported_models.SD15, DemoImageLatent, v_prediction=True),
     "sd3": _demo_config(comfy.supported_models.SD3, DemoImageLatent, shift=1.0),
     "wan21": _demo_config(comfy.supported_models.WAN21_T2V, DemoVideoLatent, shift=1.0),
 }
@@ -122,20 +132,23 @@ class DemoModelSpec:
 _IMAGE_LATENT = (LATENT_CHANNELS, 8, 8)
 
 DEMO_MODELS: dict[str, DemoModelSpec] = {
+    # Both UNets keep 64 channels at full latent resolution: the target carries all 48 noise channels, and a
+    # 32-channel first convolution (a rank-32 bottleneck) left ~30% of the noise unpredictable (samples stayed noise).
     "shapes_unet_small": DemoModelSpec(
         "sd15",
-        {**_UNET_BASE, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        {**_UNET_BASE, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 1],
          "transformer_depth": [0, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
          "num_heads": 2},
-        "SD1.5-style EPS UNet, small (the T-Stitch small model; same latent space and schedule as the large one)",
+        "SD1.5-style v-prediction UNet, small: 1.5M parameters (the T-Stitch small model; same latent space and "
+        "schedule as the large one, about 3x cheaper per step)",
         _IMAGE_LATENT,
     ),
     "shapes_unet_large": DemoModelSpec(
         "sd15",
-        {**_UNET_BASE, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-         "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
-         "num_heads": 4},
-        "SD1.5-style EPS UNet, large",
+        {**_UNET_BASE, "model_channels": 64, "num_res_blocks": [2, 2], "channel_mult": [1, 1],
+         "transformer_depth": [1, 1, 1, 1], "transformer_depth_middle": 1,
+         "transformer_depth_output": [1, 1, 1, 1, 1, 1], "num_heads": 4},
+        "SD1.5-style v-prediction UNet, large: 2.6M parameters, twice the depth, attention at every block",
         _IMAGE_LATENT,
     ),
     "shapes_dit_flow": DemoModelSpec(
@@ -345,22 +358,32 @@ class EmptyDemoLatent(io.ComfyNode):
             node_id="TL_EmptyDemoLatent",
             display_name="Empty Demo Latent (Trajectory Lab)",
             category="trajectory_lab/demo",
-            description="A zero latent for the demo image models (48 channels at 1/4 of the image size: mid-grey). "
+            description="A zero latent for the demo models (48 channels at 1/4 of the image size: mid-grey). "
             "EmptyLatentImage makes SD's 4-channel /8 latents, which the demo models cannot take.",
             inputs=[
                 io.Int.Input("width", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=32, min=FOLD, max=1024, step=FOLD, tooltip="Image height in pixels."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images (or videos) in the batch."),
+                io.Int.Input(
+                    "frames",
+                    default=0,
+                    min=0,
+                    max=256,
+                    optional=True,
+                    tooltip="0: an image latent [B, 48, h, w]; n >= 1: a video latent of n frames [B, 48, n, h, w] "
+                    "(the demo video model, 16x16).",
+                ),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
-    def execute(cls, width, height, batch_size) -> io.NodeOutput:
+    def execute(cls, width, height, batch_size, frames=0) -> io.NodeOutput:
         for name, value in (("width", width), ("height", height)):
             if value % FOLD:
                 raise ValueError(f"{name}: must be a multiple of {FOLD}, got {value}")
-        samples = torch.zeros(batch_size, LATENT_CHANNELS, height // FOLD, width // FOLD)
+        time_axis = (frames,) if frames > 0 else ()
+        samples = torch.zeros(batch_size, LATENT_CHANNELS, *time_axis, height // FOLD, width // FOLD)
         return io.NodeOutput({"samples": samples})
 
 

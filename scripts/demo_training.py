@@ -1,9 +1,9 @@
-"""Training the demo models: one loop for every demo network (EPS or flow), run inside a real ComfyUI.
+"""Training the demo models: one loop for every demo network (EPS, v or flow), run inside a real ComfyUI.
 
 The network is trained through ComfyUI's own BaseModel.apply_model, so the parametrisation, input scaling and
 timestep mapping are exactly the ones used at sampling time. With x_t = noise_scaling(sigma, noise, x0) and
-D = apply_model(x_t, sigma), the native target of both parametrisations is (x_t - x0) / sigma (EPS: the noise;
-rectified flow: noise - x0) and the network's raw output is (x_t - D) / sigma, so one loss serves both.
+D = apply_model(x_t, sigma), the loss is the MSE of each parametrisation's native target written on D (EPS and
+rectified flow: (x_t - x0) / sigma; v-prediction: the same plus a 1 / sigma_data^2 weight on D's error).
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def conditioning_kwargs(family: str, prompts: list[str]) -> dict[str, torch.Tens
 
 
 def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+    """MSE of the network's native target, written on the denoised estimate D: eps and flow targets are
+    (x_t - x0) / sigma, an error of (D - x0) / sigma; v-prediction (sigma_data s) weighs D's squared error by
+    1 / sigma^2 + 1 / s^2."""
+    import comfy.model_sampling
+
     sampling = model.model_sampling
     index = torch.randint(0, len(sampling.sigmas), (x0.shape[0],), generator=gen)
     sigma = sampling.sigmas[index].to(x0.dtype)
@@ -69,7 +74,10 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator) ->
     x_t = sampling.noise_scaling(sigma, noise, x0)
     denoised = model.apply_model(x_t, sigma, **cond)
     view = (-1,) + (1,) * (x0.ndim - 1)
-    return torch.nn.functional.mse_loss((x_t - denoised) / sigma.view(view), (x_t - x0) / sigma.view(view))
+    weight = 1.0 / sigma**2
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        weight = weight + 1.0 / sampling.sigma_data**2
+    return (weight.view(view) * (denoised - x0) ** 2).mean()
 
 
 def train(model, family: str, sample: BatchSampler, settings: TrainSettings, log=print) -> dict:
