@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.k_diffusion.sampling
@@ -60,11 +60,17 @@ class StageRun:
 
 @dataclass
 class StitchRun:
-    stages: list  # StageRun per earlier model, then the guider's own model patcher
+    earlier: list[StageRun]
+    last: Any  # the guider's own ModelPatcher: the last model of the chain
+    last_memory: tuple[float, float]
     thresholds: list[float]
-    memory: tuple[float, float]  # the last model's estimate
-    current: int = 0
-    released: set = field(default_factory=set)
+    current: int = 0  # the chain position of the latest call
+
+    def patcher(self, index: int):
+        return self.last if index == len(self.earlier) else self.earlier[index].model
+
+    def memory(self, index: int) -> tuple[float, float]:
+        return self.last_memory if index == len(self.earlier) else self.earlier[index].memory
 
 
 def check_same_space(models: dict[str, object]) -> None:
@@ -145,7 +151,7 @@ def stitch_models(
         else:
             thresholds = sigma_thresholds
         memory = comfy.sampler_helpers.estimate_memory(guider.model_patcher, noise.shape, guider.conds)
-        guider.model_options[RUN_KEY] = StitchRun(runs + [guider.model_patcher], thresholds, memory)
+        guider.model_options[RUN_KEY] = StitchRun(runs, guider.model_patcher, memory, thresholds)
         if history == "restart":
             sampler = restarting_sampler(sampler, segment_bounds(sigmas.tolist(), thresholds))
         for run in runs:
@@ -163,11 +169,10 @@ def stitch_models(
         if index > state.current:
             state.current = index
             release_earlier(state, release)
-        if index == len(state.stages) - 1:
-            ensure_loaded(executor.class_obj.model_patcher, state.memory)
+        ensure_loaded(state.patcher(index), state.memory(index))
+        if index == len(state.earlier):
             return executor(x, timestep, model_options, seed)
-        run = state.stages[index]
-        ensure_loaded(run.model, run.memory)
+        run = state.earlier[index]
         cfg = executor.class_obj.cfg if run.cfg is None else run.cfg
         return comfy.samplers.sampling_function(
             run.model.model, x, timestep, run.conds.get("negative"), run.conds.get("positive"), cfg,
@@ -235,24 +240,22 @@ def release_earlier(state: StitchRun, release: str) -> None:
     """At a switch: the models before the current one are done for this run. Unload them (always, or when the
     current model is not fully loaded: VRAM is short) and give the current model the room. A network shared with a
     later stage (one checkpoint with and without a LoRA) is never unloaded."""
-    current = state.stages[state.current]
-    current_patcher = current if state.current == len(state.stages) - 1 else current.model
-    later = [s if i == len(state.stages) - 1 else s.model for i, s in enumerate(state.stages) if i >= state.current]
-    short = current_patcher.loaded_size() < current_patcher.model_size()
+    current = state.patcher(state.current)
+    later_networks = [state.patcher(i).model for i in range(state.current, len(state.earlier) + 1)]
+    short = current.loaded_size() < current.model_size()
     for i in range(state.current):
-        patcher = state.stages[i].model
+        patcher = state.patcher(i)
         entry = loaded_entry(patcher)
         if entry is None:
             continue
         entry.currently_used = False  # bookkeeping: no longer required by this run
-        if (release == "always" or short) and all(patcher.model is not p.model for p in later):
+        if (release == "always" or short) and all(patcher.model is not n for n in later_networks):
             if entry.model_unload():
                 comfy.model_management.current_loaded_models.remove(entry)
-            state.released.add(i)
     if short:
-        memory = state.memory if current is current_patcher else current.memory
-        comfy.model_management.load_models_gpu([current_patcher], memory_required=memory[0],
-                                               minimum_memory_required=memory[1])  # fmt: skip
+        memory_required, minimum = state.memory(state.current)
+        comfy.model_management.load_models_gpu([current], memory_required=memory_required,
+                                               minimum_memory_required=minimum)  # fmt: skip
 
 
 def ensure_loaded(patcher, memory: tuple[float, float]) -> None:
