@@ -11,6 +11,7 @@ TL_DemoFeatures); `TinyWorld` uses the test suite's tiny random-weight models an
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -424,25 +425,23 @@ def run_variants(world: World, experiment: str, role: str, variants: dict[str, C
     return [*rows.values(), world.floor_row(experiment, wanted, seeds)]
 
 
-def exp_pag(world: World, seeds) -> list[Row]:
+def exp_pag(world: World, seeds, role: str = "unet_large") -> list[Row]:
+    """CFG 3 alone, with our PAG (scale 3, default layer) and with ComfyUI's built-in PAG node (scale 3)."""
     import comfy_extras.nodes_pag
     from harness import pack
 
     pag = pack("nodes.perturbed_attention")
-    rows = []
-    for role, label in (("unet_large", "UNet"), ("dit_flow", "DiT")):
-        model, vae = world.load(role)
-        variants: dict[str, object] = {"CFG only": model,
-                                       "ours PAG 3.0": pag.apply_perturbed_attention(model, 3.0, 0.0, "auto", 0.0, 1.0,
-                                                                                    0.0, True)}  # fmt: skip
-        builtin = comfy_extras.nodes_pag.PerturbedAttentionGuidance  # patches UNet attention only: on DiTs a no-op
-        variants["built-in PAG 3.0"] = builtin.execute(model, 3.0).result[0]
+    model, vae = world.load(role)
+    builtin = comfy_extras.nodes_pag.PerturbedAttentionGuidance  # patches UNet attention only: on DiTs a no-op
+    variants = {"CFG only": model,
+                "ours PAG 3.0": pag.apply_perturbed_attention(model, 3.0, 0.0, "auto", 0.0, 1.0, 0.0, True),
+                "built-in PAG 3.0": builtin.execute(model, 3.0).result[0]}  # fmt: skip
 
-        def fn(m, vae=vae):
-            return lambda pos, neg, seed: world.generate(m, vae, pos, neg, seed=seed, batch=PER_PROMPT, cfg=3.0)
+    def fn(m):
+        return lambda pos, neg, seed: world.generate(m, vae, pos, neg, seed=seed, batch=PER_PROMPT, cfg=3.0)
 
-        rows += run_variants(world, f"PAG ({label})", role, {k: fn(m) for k, m in variants.items()}, seeds)
-    return rows
+    label = "PAG (DiT)" if role == "dit_flow" else "PAG (UNet)"
+    return run_variants(world, label, role, {k: fn(m) for k, m in variants.items()}, seeds)
 
 
 def exp_tstitch(world: World, seeds, ratios=(0.0, 0.2, 0.4, 0.6, 1.0)) -> list[Row]:
@@ -629,6 +628,7 @@ def exp_diffusehigh(world: World, seeds) -> list[Row]:
     return run_fixed(world, "DiffuseHigh", timed, {"colour": "red", "shape": "circle"}, seeds, duplicates)
 
 
+VIDEO_SEEDS = 6
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 
 
@@ -687,6 +687,7 @@ def exp_video(world: World, seeds) -> list[Row]:
                 out.append(frames(sampled))
         return out
 
+    seeds = list(range(max(len(seeds), VIDEO_SEEDS)))  # cheap: more seeds for a steadier motion figure
     rows = []
     for name, fn in (("independent segments", independent), ("TL_MultiTextVideo", multitext)):
         row = Row("multi-text video", name)
@@ -708,23 +709,33 @@ def exp_video(world: World, seeds) -> list[Row]:
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str]] = {
-    "pag": (exp_pag, "PAG vs CFG only vs ComfyUI's built-in PAG (cfg 3, PAG scale 3, euler 20 steps)"),
+    "pag": (exp_pag, "PAG on the UNet vs CFG only vs ComfyUI's built-in PAG (cfg 3, PAG scale 3, euler 20 steps)"),
+    "pag_dit": (
+        lambda world, seeds: exp_pag(world, seeds, "dit_flow"),
+        "PAG on the flow DiT vs CFG only vs the built-in node (a no-op on DiTs): cfg 3, scale 3, euler 20",
+    ),
     "tstitch": (exp_tstitch, "T-Stitch: small model for the first r of 20 euler steps, then the large one"),
     "fkc_and": (exp_fkc_and, "FKC AND-composition 'red' AND 'circle' (cfg 3 per prompt): adherence = success rate"),
     "fkc_anneal": (exp_fkc_anneal, "FKC annealing: 'red circle', cfg 3, beta 2 (the sharpened CFG target)"),
     "flowturbo": (exp_flowturbo, "FlowTurbo vs Euler / Heun at equal model calls (equal wall time) on the flow DiT"),
     "cvsg": (exp_cvsg, "c-VSG: diversity (Vendi) vs adherence as the guidance scale grows"),
     "diffusehigh": (exp_diffusehigh, "DiffuseHigh vs direct high-res sampling and vs plain upscale + img2img"),
-    "video": (exp_video, "Multi-text video: boundary continuity and per-segment adherence"),
+    "video": (exp_video, f"Multi-text video: boundary continuity and per-segment adherence ({VIDEO_SEEDS} seeds)"),
 }
 
 
 def table(rows: list[Row]) -> list[str]:
+    """One experiment's rows: a column per figure, the experiment's label only when it has several (PAG)."""
     keys = list(dict.fromkeys(k for r in rows for k in r.figures))
-    lines = ["| experiment | variant | " + " | ".join(keys) + " | note |", "|---|---|" + "--:|" * len(keys) + "---|"]
+    labelled = len({r.experiment for r in rows}) > 1
+    head = ["experiment"] * labelled + ["variant", *keys] + (["note"] if any(r.note for r in rows) else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (labelled + 1) + "--:|" * len(keys)
+             + "---|" * (head[-1] == "note")]  # fmt: skip
     for r in rows:
-        cells = [r.figures[k].format(4 if k == "s per image" else 3) if k in r.figures else "—" for k in keys]
-        lines.append(f"| {r.experiment} | {r.variant} | " + " | ".join(cells) + f" | {r.note} |")
+        cells = [r.experiment] * labelled + [r.variant]
+        cells += [r.figures[k].format(4 if k == "s per image" else 3) if k in r.figures else "—" for k in keys]
+        cells += [r.note] * (head[-1] == "note")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -734,7 +745,7 @@ CLAIMS = [
      "PAG moves samples closer to real scenes (paper: lower FID)"),
     ("pag", "PAG (UNet)", "ours PAG 3.0", "built-in PAG 3.0", "FD", False,
      "same layer (middle block) as the built-in node: the same images"),
-    ("pag", "PAG (DiT)", "ours PAG 3.0", "CFG only", "FD", False, "PAG helps a DiT too (the built-in node cannot)"),
+    ("pag_dit", "PAG (DiT)", "ours PAG 3.0", "CFG only", "FD", False, "PAG helps a DiT too (the built-in node cannot)"),
     ("tstitch", "T-Stitch", "T-Stitch r = 0.4", "large only (r = 0)", "FD", False,
      "40% of the steps on the small model cost no quality (paper: no FID loss at 40%)"),
     ("fkc_and", "FKC AND", "FKC, 8 particles per image", "composed CFG, euler_ancestral (no correction)",
@@ -771,7 +782,8 @@ def claims_table(per_experiment: dict[str, list[Row]]) -> list[str]:
             continue
         a, b = found.get((experiment, variant)), found.get((experiment, baseline))
         if a is None or b is None or key not in a.figures or key not in b.figures:
-            lines.append(f"| {experiment} | {claim} | — | — | not measured ({PENDING} or failed: see below) |")
+            notes = [r.note for r in per_experiment[name] if r.note]
+            lines.append(f"| {experiment} | {claim} | — | — | {notes[0] if notes else 'not measured'} |")
             continue
         fa, fb = a.figures[key], b.figures[key]
         sd = sum(statistics.stdev(f.values) if len(f.values) > 1 else 0.0 for f in (fa, fb))
@@ -813,7 +825,9 @@ def quality_section(seeds: int = 3, world: World | None = None, names=None) -> s
         try:
             per_experiment[name] = fn(world, seed_list)
         except (FileNotFoundError, KeyError) as error:  # weights not trained yet, or the model not defined yet
-            per_experiment[name] = [Row(name, "—", note=f"{PENDING} ({str(error)[:90]})")]
+            missing = re.search(r"demo model '(\w+)'", str(error))
+            what = f"{missing.group(1)} is not trained yet" if missing else str(error)[:90]
+            per_experiment[name] = [Row(name, "—", note=f"{PENDING}: {what}")]
         except Exception as error:  # noqa: BLE001  (one broken experiment must not lose the others' figures)
             traceback.print_exc()
             per_experiment[name] = [Row(name, "—", note=f"failed: {type(error).__name__}: {str(error)[:90]}")]
