@@ -30,7 +30,8 @@ def _verdict(ok: bool) -> str:
 
 
 def fkc_targets(tf):
-    """(name, experts for target_density, run(sampler, batch, seed), eta): the three closed-form tests."""
+    """(name, experts for target_density, run(sampler, batch, seed), eta): the three closed-form tests, with the
+    sampler's default eta as they use it (auto: 1 for B = 1, √B above)."""
     gmm = tf.tiny_models.gmm_conditioning
     model = tf.mixture_model(tf.UNEQUAL, "flow")
     uncond = tf.UNCOND
@@ -47,9 +48,9 @@ def fkc_targets(tf):
         )
 
     return [
-        ("CFG w=4", [([0.2, 0.8], -3.0), ([0.5, 0.5], 4.0)], cfg_run, 1.0),
-        ("annealing β=2", [(None, 2.0)], guided(annealed), 2.0),
-        ("product of two prompts", [([0.8, 0.2], 1.0), ([0.2, 0.8], 1.0)], guided(product), 2.0),
+        ("CFG w=4", [([0.2, 0.8], -3.0), ([0.5, 0.5], 4.0)], cfg_run, tf.fk.AUTO_ETA),
+        ("annealing β=2", [(None, 2.0)], guided(annealed), tf.fk.AUTO_ETA),
+        ("product of two prompts", [([0.8, 0.2], 1.0), ([0.2, 0.8], 1.0)], guided(product), tf.fk.AUTO_ETA),
     ]
 
 
@@ -92,7 +93,8 @@ def fkc_section(seeds=FKC_SEEDS) -> str:
         "### FKC: samples against the closed-form target (tests/test_fkc.py)",
         "",
         f"{environment_line('cpu')}. 1-D mixture 0.5·N(−2, 0.25²) + 0.5·N(2, 1²) as an exact flow MODEL; "
-        f"{tf.STEPS} steps from σ = 1; FKC = {tf.GROUPS} images × {tf.PARTICLES} particles (output all), "
+        f"{tf.STEPS} steps from σ = 1, target-score SDE with the default eta (auto: 1 for B = 1, √B above); FKC = "
+        f"{tf.GROUPS} images × {tf.PARTICLES} particles (output all), "
         f"uncorrected = the same SDE with 1 particle per image, same total n = {tf.GROUPS * tf.PARTICLES}. "
         f"Seeds {', '.join(map(str, seeds))} (seed 0 is the test's run): mean ± sd. Test bar: FKC W1 ≤ ½ uncorrected "
         "and ≤ 3 × the i.i.d. floor (RMS W1 of n exact samples). The mass error (narrow mode's mass) and relative "
