@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -427,6 +428,7 @@ def _demo_workflows() -> list[Workflow]:
             N(14, "PreviewAny", inputs={"source": (13, 0)}, title="Vendi score of the batch"),
         ],
         demo=True,
+        baseline={5: {"scale": 0.0}},
     )
     diffusehigh = Workflow(
         "diffusehigh_demo",
@@ -636,6 +638,9 @@ def result_thumbnail(rows: list[list]) -> bytes:
     """Rows of images (or a video's frames) side by side, enlarged without smoothing."""
     from PIL import Image
 
+    if len(rows) == 1:  # one batch or one video: wrap it into a square-ish grid, read row by row
+        columns = math.ceil(math.sqrt(len(rows[0])))
+        rows = [rows[0][i : i + columns] for i in range(0, len(rows[0]), columns)]
     width, height = rows[0][0].size
     sheet = Image.new("RGB", (max(map(len, rows)) * (width + 2) - 2, len(rows) * (height + 2) - 2), (24, 24, 24))
     for r, row in enumerate(rows):
