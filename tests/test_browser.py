@@ -259,3 +259,59 @@ def test_the_drop_check_sees_a_missing_node_and_a_lost_widget_value(page):
     assert [n["type"] for n in result["nodes"] if not n["known"]] == ["TL_NoSuchNode"]
     saved = next(n for n in result["saved"]["nodes"] if n["type"] == "KSampler")
     assert saved["widgets_values"] != sampler["widgets_values"]
+
+
+TIMELINES_JS = """
+() => Object.fromEntries(window.app.graph.nodes
+  .filter((n) => n.widgets?.some((w) => w.name === "trajectory_timeline"))
+  .map((n) => [n.id, n.widgets.find((w) => w.name === "trajectory_timeline").timeline.spans])
+  .map(([id, spans]) => [id, spans.map((s) => [s.from, s.to])]))
+"""
+
+
+def test_stitching_timelines_follow_widgets_and_links(page):
+    # A chain draws one span per connected model; the guider its switch point; edits redraw.
+    tiny = {"arch": "sd15"}
+    graph = Workflow(
+        "stitch_timelines",
+        "",
+        [
+            N(1, "TLTest_TinyModel", {**tiny, "seed": 0}),
+            N(2, "TLTest_TinyModel", {**tiny, "seed": 1}),
+            N(3, "TLTest_TinyModel", {**tiny, "seed": 2}),
+            N(
+                4,
+                "TL_TStitchChain",
+                {"switch_1": 0.3, "switch_2": 0.7, "switch_3": 0.9},
+                {"model_1": (1, 0), "model_2": (2, 0), "model_3": (3, 0)},
+            ),  # fmt: skip
+            N(5, "TLTest_TinyConditioning", {**tiny, "seed": 3}),
+            N(
+                6,
+                "TL_TStitchGuider",
+                {"small_fraction": 0.25},
+                {
+                    "small_model": (1, 0),
+                    "large_model": (2, 0),
+                    "small_positive": (5, 0),
+                    "small_negative": (5, 0),
+                    "large_positive": (5, 0),
+                    "large_negative": (5, 0),
+                },
+            ),  # fmt: skip
+        ],
+    )
+    page.evaluate(BUILD_JS, spec_json(graph))
+    page.wait_for_timeout(300)
+    spans = page.evaluate(TIMELINES_JS)
+    assert [edge for span in spans["4"] for edge in span] == pytest.approx([0, 0.3, 0.3, 0.7, 0.7, 1])
+    assert [edge for span in spans["6"] for edge in span] == pytest.approx([0, 0.25, 0.25, 1])
+    page.evaluate("""() => {
+      const chain = window.app.graph.getNodeById(4);
+      chain.disconnectInput(chain.findInputSlot("model_3"));
+      chain.widgets.find((w) => w.name === "switch_1").value = 0.5;
+      chain.setDirtyCanvas(true, true);
+    }""")
+    page.wait_for_timeout(300)
+    assert [edge for span in page.evaluate(TIMELINES_JS)["4"] for edge in span] == pytest.approx([0, 0.5, 0.5, 1])
+    page.screenshot(path=str(ARTIFACTS / "stitch_timelines.png"), clip=page.evaluate(FIT_VIEW_JS, [4, 6]))
