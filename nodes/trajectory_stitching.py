@@ -173,10 +173,12 @@ def stitch_models(
         if index == len(state.earlier):
             return executor(x, timestep, model_options, seed)
         run = state.earlier[index]
-        cfg = executor.class_obj.cfg if run.cfg is None else run.cfg
+        guider = executor.class_obj
+        cfg = guider.cfg if run.cfg is None else run.cfg
+        options = with_sampler_hooks(run.model_options, model_options, guider.model_options)
         return comfy.samplers.sampling_function(
             run.model.model, x, timestep, run.conds.get("negative"), run.conds.get("positive"), cfg,
-            model_options=run.model_options, seed=seed,
+            model_options=options, seed=seed,
         )  # fmt: skip
 
     wrappers = comfy.patcher_extension.WrappersMP
@@ -184,6 +186,20 @@ def stitch_models(
         stitched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         stitched.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     return stitched
+
+
+def with_sampler_hooks(stage_options: dict, call_options: dict, guider_options: dict) -> dict:
+    """An earlier stage's model options plus the post-CFG hooks the sampler itself added for this run (the CFG++
+    samplers read the unconditional prediction through one); the last model's own hooks stay on the last model."""
+    guider_hooks = guider_options.get("sampler_post_cfg_function", [])
+    added = [f for f in call_options.get("sampler_post_cfg_function", []) if all(f is not g for g in guider_hooks)]
+    if not added:
+        return stage_options
+    options = dict(stage_options)
+    options["sampler_post_cfg_function"] = stage_options.get("sampler_post_cfg_function", []) + added
+    if call_options.get("disable_cfg1_optimization"):
+        options["disable_cfg1_optimization"] = True
+    return options
 
 
 def restarting_sampler(sampler, bounds: list[tuple[int, int]]):
@@ -209,8 +225,9 @@ def restarting_sampler(sampler, bounds: list[tuple[int, int]]):
             options["noise_sampler"] = run_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
         for start, end in bounds:
             shifted = None if callback is None else (lambda d, start=start: callback({**d, "i": d["i"] + start}))
-            x = inner(model, x, sigmas[start : end + 1], extra_args=extra_args, callback=shifted, disable=disable,
-                      **options)  # fmt: skip
+            # A fresh dict per segment: some samplers (the CFG++ ones) add their own post-CFG hook to extra_args.
+            x = inner(model, x, sigmas[start : end + 1], extra_args=dict(extra_args), callback=shifted,
+                      disable=disable, **options)  # fmt: skip
         return x
 
     segmented = copy.copy(sampler)

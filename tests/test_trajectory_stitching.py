@@ -63,8 +63,11 @@ def test_same_model_twice_is_plain_sampling_with_exact_call_counts(r):
     assert (len(small_calls), len(large_calls)) == (n_small, 10 - n_small)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "dpmpp_2s_ancestral", "uni_pc", "lcm", "euler_ancestral"])
+@pytest.mark.parametrize(
+    "sampler", ["heun", "dpmpp_2m", "dpmpp_2s_ancestral", "uni_pc", "lcm", "euler_ancestral", "dpmpp_2m_cfg_pp"]
+)
 def test_every_kind_of_sampler_is_unchanged_when_both_models_are_the_same(sampler):
+    """Including the CFG++ samplers, which hook into CFG through model options: the small model's calls get it."""
     base = tiny_models.build_tiny_model("sd15")
     assert torch.equal(sample(stitch(base, base, 0.4), sampler=sampler), sample(base, sampler=sampler))
 
@@ -77,7 +80,9 @@ def test_segments_follow_the_model_that_starts_each_step():
     assert core.segment_bounds(sigmas, [3.0]) == [(0, 2), (2, 4)]  # switch_by = sigma
 
 
-@pytest.mark.parametrize("sampler", ["heun", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm"])
+@pytest.mark.parametrize(
+    "sampler", ["heun", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm", "euler_ancestral_cfg_pp"]
+)
 def test_restart_leaves_single_step_samplers_and_their_noise_unchanged(sampler):
     """A single-step sampler has no history, so restarting it at the switch changes nothing, provided both segments
     draw from the run's one noise stream (seeded generator or Brownian tree): a replayed stream would differ."""
@@ -235,6 +240,7 @@ def test_each_model_keeps_its_own_patches():
     lora.add_patches(tiny_models.tiny_lora_patches("sd15", seed=0), 1.0)
     assert torch.equal(sample(stitch(with_pag, base, 1.0)), sample(with_pag))  # PAG on small: runs on small
     assert torch.equal(sample(stitch(with_pag, base, 0.0)), sample(base))  # ... and never on large
+    assert torch.equal(sample(stitch(base, with_pag, 1.0)), sample(base))  # PAG on large never runs on small
     assert torch.equal(sample(stitch(lora, base, 1.0)), sample(lora))  # LoRA weights patched for the small model
     assert torch.equal(sample(stitch(base, lora, 0.0)), sample(lora))
     assert torch.equal(sample(base), sample(tiny_models.build_tiny_model("sd15")))  # and unpatched afterwards
