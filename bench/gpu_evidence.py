@@ -26,8 +26,33 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, environment_line, start_comfyui, write_atomically  # noqa: E402
+from common import FULL_SIZE, REPO, environment_line, start_comfyui, write_atomically  # noqa: E402
 from evidence import GPU_STEPS, checks_table, speed  # noqa: E402
+
+# Published parameter counts of the diffusion networks the full-size configs stand for.
+PUBLISHED = {"SD1.5 512²": "860M", "SDXL 1024²": "2.6B", "Flux-dev 1024²": "12B", "SSD-1B": "1.3B",
+             "Wan 2.1 T2V 1.3B": "1.3B"}  # fmt: skip
+
+
+def full_size_configs() -> str:
+    """Build every full-size architecture on the meta device (no memory, no GPU) and count its parameters: checks
+    the configs the GPU run uses before any GPU time is spent."""
+    import comfy.supported_models
+    import multitext_video_speed
+    import tstitch_speed
+
+    configs = {name: (cls, dtype, config) for name, (cls, dtype, config, *_) in FULL_SIZE.items()}
+    configs["SSD-1B"] = ("SSD1B", torch.float16, tstitch_speed._SSD1B)
+    configs["Wan 2.1 T2V 1.3B"] = ("WAN21_T2V", torch.bfloat16, multitext_video_speed.WAN_1_3B)
+    lines = ["### Full-size configurations, built on the meta device", "",
+             "| network | ComfyUI class | parameters | published |", "|---|---|--:|--:|"]  # fmt: skip
+    for name, (cls, dtype, config) in configs.items():
+        model_config = getattr(comfy.supported_models, cls)(dict(config))
+        model_config.set_inference_dtype(dtype, None)
+        model = model_config.get_model({}, device="meta")
+        count = sum(p.numel() for p in model.diffusion_model.parameters())
+        lines.append(f"| {name} | {type(model).__name__} | {count / 1e9:.3f} B | {PUBLISHED[name]} |")
+    return "\n".join(lines) + "\n"
 
 
 def document(body: str, checks, device: str, seconds: float, budget: float, tiny: bool) -> str:
@@ -71,6 +96,8 @@ def main() -> int:
                                             args.tiny))  # fmt: skip
 
     body, checks = speed(device, repeats, budget_s=args.budget, on_part=save, only=GPU_STEPS)
+    if args.tiny:  # the full-size configs themselves, without a GPU
+        body = full_size_configs() + "\n" + body
     save(body, checks)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
     return 1 if any(claim == "(benchmark failed)" for _, claim, _, _ in checks) else 0
