@@ -206,6 +206,24 @@ def test_a_chain_releases_each_model_after_its_segment():
     assert all(loaded == expected[i] for i, loaded in log), log
 
 
+def test_fkc_particles_run_through_a_stitched_model():
+    """TL_FKCSampler reads the experts through a post-CFG hook of its own; on a stitched model the small model's
+    calls must feed it too: small == large gives FKC on the plain model exactly."""
+    fkc = pack("nodes.feynman_kac")
+    base = tiny_models.build_tiny_model("sd15")
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    negative = tiny_models.tiny_conditioning("sd15", 2)
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 6)
+
+    def run(model):
+        sampler = fkc.FKCSampler.execute(3, "target", "every_step", 0.5, "all").result[0]
+        return comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 3.0, sampler, sigmas, positive,
+                                          negative, latent, disable_pbar=True, seed=0)  # fmt: skip
+
+    assert torch.equal(run(stitch(base, base, 0.5)), run(base))
+
+
 def test_r_zero_is_large_only_and_r_one_small_only():
     large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
     assert torch.equal(sample(stitch(small, large, 0.0)), sample(large))
