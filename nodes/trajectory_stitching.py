@@ -5,7 +5,9 @@ ComfyUI's model management loads and cleans them up with it) and two keyed wrapp
 - OUTER_SAMPLE: once per run, prepares each earlier model like a guider would (its own wrappers, patches and
   processed conditioning) and turns the switch fractions into sigma thresholds for this run's schedule;
 - PREDICT_NOISE: routes each call by its sigma; an earlier model runs ComfyUI's own CFG `sampling_function`
-  with its own model options, so a LoRA, PAG or other patch on one model stays on that model.
+  with its own model options, so a LoRA, PAG or other patch on one model stays on that model (a guider with its
+  own predict_noise, such as TL_FKCGuider, runs it with the earlier model put in place; what the
+  sampler added to the run's model options, e.g. a CFG++ hook, reaches every model).
 With history = "restart" the OUTER_SAMPLE wrapper also hands the sampler a copy that runs its sampler function once
 per model segment (one noise sampler for the whole run), so a multistep solver starts afresh at each switch.
 At a switch the earlier models are released from ComfyUI's model management when the next model is not fully
@@ -14,6 +16,7 @@ loaded (VRAM short) or always, on request; a later call that needs one of them l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Sequence
@@ -174,8 +177,11 @@ def stitch_models(
             return executor(x, timestep, model_options, seed)
         run = state.earlier[index]
         guider = executor.class_obj
+        options = with_sampler_additions(run.model_options, model_options, guider.model_options)
+        if type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
+            with guider_on_stage(guider, run):
+                return guider.predict_noise(x, timestep, options, seed)
         cfg = guider.cfg if run.cfg is None else run.cfg
-        options = with_sampler_hooks(run.model_options, model_options, guider.model_options)
         return comfy.samplers.sampling_function(
             run.model.model, x, timestep, run.conds.get("negative"), run.conds.get("positive"), cfg,
             model_options=options, seed=seed,
@@ -188,18 +194,33 @@ def stitch_models(
     return stitched
 
 
-def with_sampler_hooks(stage_options: dict, call_options: dict, guider_options: dict) -> dict:
-    """An earlier stage's model options plus the post-CFG hooks the sampler itself added for this run (the CFG++
-    samplers read the unconditional prediction through one); the last model's own hooks stay on the last model."""
+def with_sampler_additions(stage_options: dict, call_options: dict, guider_options: dict) -> dict:
+    """An earlier stage's model options plus what the sampler itself added to this run's options: post-CFG hooks
+    (the CFG++ samplers read the unconditional prediction through one; FKC reads the experts) and new entries (FKC's
+    capture slot, disable_cfg1_optimization). The last model's own hooks and patches stay on the last model."""
     guider_hooks = guider_options.get("sampler_post_cfg_function", [])
     added = [f for f in call_options.get("sampler_post_cfg_function", []) if all(f is not g for g in guider_hooks)]
-    if not added:
+    entries = {k: v for k, v in call_options.items() if k not in guider_options and k not in stage_options}
+    entries.pop("sampler_post_cfg_function", None)
+    if not added and not entries:
         return stage_options
-    options = dict(stage_options)
-    options["sampler_post_cfg_function"] = stage_options.get("sampler_post_cfg_function", []) + added
-    if call_options.get("disable_cfg1_optimization"):
-        options["disable_cfg1_optimization"] = True
+    options = {**stage_options, **entries}
+    if added:
+        options["sampler_post_cfg_function"] = stage_options.get("sampler_post_cfg_function", []) + added
     return options
+
+
+@contextlib.contextmanager
+def guider_on_stage(guider, run: StageRun):
+    """The guider's own predict_noise with an earlier model, its conditioning and cfg put in place, so a guider
+    that combines predictions its own way (FKC's product of experts) does so on every model."""
+    saved = guider.inner_model, guider.conds, guider.cfg
+    guider.inner_model, guider.conds = run.model.model, run.conds
+    guider.cfg = guider.cfg if run.cfg is None else run.cfg
+    try:
+        yield guider
+    finally:
+        guider.inner_model, guider.conds, guider.cfg = saved
 
 
 def restarting_sampler(sampler, bounds: list[tuple[int, int]]):

@@ -207,8 +207,8 @@ def test_a_chain_releases_each_model_after_its_segment():
 
 
 def test_fkc_particles_run_through_a_stitched_model():
-    """TL_FKCSampler reads the experts through a post-CFG hook of its own; on a stitched model the small model's
-    calls must feed it too: small == large gives FKC on the plain model exactly."""
+    """TL_FKCSampler reads the experts through a post-CFG hook of its own (CFG) or TL_FKCGuider's capture slot; on a
+    stitched model the small model's calls must feed it too: small == large gives FKC on the plain model exactly."""
     fkc = pack("nodes.feynman_kac")
     base = tiny_models.build_tiny_model("sd15")
     positive = tiny_models.tiny_conditioning("sd15", 1)
@@ -222,6 +222,18 @@ def test_fkc_particles_run_through_a_stitched_model():
                                           negative, latent, disable_pbar=True, seed=0)  # fmt: skip
 
     assert torch.equal(run(stitch(base, base, 0.5)), run(base))
+    # TL_FKCGuider combines its experts in its own predict_noise: the small model's steps use it too.
+    small = tiny_models.build_tiny_model("sd15", seed=5)
+    positive_2 = tiny_models.tiny_conditioning("sd15", 3)
+
+    def product(model, sampler):
+        guider = fkc.FKCGuider.execute(model, positive, negative, 0.5, 2.0, positive_2).result[0]
+        return guider.sample(comfy.sample.prepare_noise(latent, 0), latent, sampler, sigmas, seed=0, disable_pbar=True)
+
+    particles = fkc.FKCSampler.execute(3, "target", "every_step", 0.5, "all").result[0]
+    assert torch.equal(product(stitch(base, base, 0.5), particles), product(base, particles))
+    euler = comfy.samplers.sampler_object("euler")
+    assert torch.equal(product(stitch(small, base, 1.0), euler), product(small, euler))
 
 
 def test_r_zero_is_large_only_and_r_one_small_only():
