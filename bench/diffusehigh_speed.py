@@ -84,7 +84,8 @@ def plain_chain(model, vae, positive, negative, latent: dict, stages: int) -> to
 
     nodes = in_process_host().nodes  # ComfyUI's nodes.py, not the pack's nodes/ package
 
-    base_h, base_w = (8 * s for s in latent["samples"].shape[-2:])
+    ratio = vae.downscale_ratio if isinstance(vae.downscale_ratio, int) else 8  # SD VAEs 8, the demo VAE 4
+    base_h, base_w = (ratio * s for s in latent["samples"].shape[-2:])
     for k in range(1, stages + 1):
         image = nodes.VAEDecode().decode(vae, latent)[0]
         image = nodes.ImageScale().upscale(image, "bicubic", round(base_w * SCALE**k), round(base_h * SCALE**k),
