@@ -205,7 +205,8 @@ def document(parts: dict[str, str], checks, seconds: float, args) -> str:
         "# Evidence: what each technique buys",
         "",
         f"Written by `.venv/bin/python bench/evidence.py --sections {','.join(args.sections)} --repeats {args.repeats} "
-        f"--seeds {args.seeds}` in {seconds / 60:.1f} minutes. {environment_line('cpu')}.",
+        f"--seeds {args.seeds}{' --experiments ' + args.experiments if args.experiments else ''}` in "
+        f"{seconds / 60:.1f} minutes. {environment_line('cpu')}.",
         "",
         "Every table below names the machine, the versions and the date it was measured on. Verdicts compare a "
         "figure with a paper's claim or the project's target; **misses** marks where they disagree, and the text "
