@@ -185,8 +185,11 @@ def measure(args) -> None:
         results[key] = {"accuracy": hits / (per_class * 10), "fd": fd, "seconds": round(time.monotonic() - started)}
         print(key, results[key], flush=True)
     print(json.dumps(results, indent=2))
-    if args.out:
-        write_atomically(Path(args.out), json.dumps(results, indent=2) + "\n")
+    if args.out:  # one entry per seed, so runs with other seeds add to the same file
+        out = Path(args.out)
+        runs = json.loads(out.read_text()) if out.is_file() else {}
+        runs[f"seed {args.seed}"] = {"command": command_line(), "measured_at": now(), **results}
+        write_atomically(out, json.dumps(runs, indent=2) + "\n")
 
 
 def main() -> None:
