@@ -9,6 +9,7 @@ technique switched off where the workflow names a baseline), for the others a sc
 
     .venv/bin/python scripts/example_workflow_builder.py            # rewrite every workflow
     .venv/bin/python scripts/example_workflow_builder.py pag_sdxl   # only these
+    .venv/bin/python scripts/example_workflow_builder.py --graphs-only   # JSON only: no demo runs
 """
 
 from __future__ import annotations
@@ -677,7 +678,7 @@ def demo_thumbnail(page, server_url: str, w: Workflow) -> bytes:
     return result_thumbnail(rows)
 
 
-def build(selected: list[str]) -> None:
+def build(selected: list[str], graphs_only: bool = False) -> None:
     from browser import launch, open_comfyui
     from comfy_host import PACK_ROOT, ServerHost
     from playwright.sync_api import sync_playwright
@@ -688,17 +689,21 @@ def build(selected: list[str]) -> None:
         page, _ = open_comfyui(context, server.url)
         for w in chosen:
             result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
-            if w.demo:  # a demo workflow's thumbnail is what it makes (the README shows it too)
+            picture = None
+            if w.demo and not graphs_only:  # a demo workflow's thumbnail is what it makes (the README shows it)
                 picture = demo_thumbnail(page, server.url, w)
-            else:
+            elif not w.demo:
                 picture = graph_thumbnail(page)
             write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
             write_atomic(API_DIR / f"{w.name}.json", dumps(result["api"]))
-            write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", picture)
+            if picture:
+                write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", picture)
             print(f"wrote {w.name}: {len(result['ui']['nodes'])} nodes")
         context.close()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    build(sys.argv[1:])
+    args = sys.argv[1:]
+    # --graphs-only: rewrite the JSON files; keep the demo thumbnails (no demo run)
+    build([a for a in args if not a.startswith("--")], graphs_only="--graphs-only" in args)

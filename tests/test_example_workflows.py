@@ -165,3 +165,19 @@ def test_template_browser_lists_and_serves_them(server):
     url = f"{server.url}/api/workflow_templates/{urllib.parse.quote(ODD_PACK_FOLDER)}/{name}.json"
     with urllib.request.urlopen(url, timeout=10) as r:
         assert json.loads(r.read()) == load(EXAMPLES_DIR / f"{name}.json")
+
+
+@pytest.mark.parametrize("workflow", workflows(), ids=lambda w: w.name)
+def test_saved_files_are_the_builder_specs(workflow):
+    # The committed files are rebuilt from the specs (`make workflows`): a spec edited without a rebuild fails.
+    prompt = load(API_DIR / f"{workflow.name}.json")
+    for node in workflow.nodes:
+        if node.type in FRONTEND_ONLY_NODES:
+            continue
+        saved = prompt[str(node.id)]
+        assert saved["class_type"] == node.type
+        for name, value in node.widgets.items():
+            if name != "control_after_generate":
+                assert saved["inputs"][name] == value, (workflow.name, node.id, name)
+        for name, (source, slot) in node.inputs.items():
+            assert saved["inputs"][name] == [str(source), slot], (workflow.name, node.id, name)
