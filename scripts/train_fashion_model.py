@@ -51,23 +51,6 @@ def to_latent(images: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.pixel_unshuffle(pixels, folded.FOLD)
 
 
-def dit_init_(net: torch.nn.Module) -> None:
-    """What the generic demo initialisation leaves out for an MMDiT: sin-cos positions in the pos_embed buffer (it is
-    never trained, and near zero the tokens cannot tell where they are) and zero adaLN modulations and output layer
-    (DiT's adaLN-Zero: every block starts as the identity and the predicted velocity at zero)."""
-    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
-
-    size = net.pos_embed_max_size
-    with torch.no_grad():
-        net.pos_embed.copy_(get_2d_sincos_pos_embed_torch(net.hidden_size, size, size).reshape(net.pos_embed.shape))
-        for name, module in net.named_modules():
-            if name.endswith("adaLN_modulation"):
-                module[-1].weight.zero_()
-                module[-1].bias.zero_()
-        net.final_layer.linear.weight.zero_()
-        net.final_layer.linear.bias.zero_()
-
-
 def train_dit(args) -> None:
     fashion = pack("demo.fashion_mnist")
     demo_models = pack("nodes.demo_models")
@@ -79,7 +62,6 @@ def train_dit(args) -> None:
 
     settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, warmup=200)
     model = demo_models.build_network(MODEL_NAME, seed=args.seed)
-    dit_init_(model.diffusion_model)
     params = sum(p.numel() for p in model.diffusion_model.parameters())
     print(f"{MODEL_NAME}: {params / 1e6:.2f}M parameters, {settings}", flush=True)
     result = train(model, "sd3", sample, settings, log=lambda line: print(line, flush=True))
