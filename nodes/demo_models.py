@@ -23,6 +23,7 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import torch
+from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
 from comfy_api.latest import io
 
 from ..demo import text_encoder
@@ -183,8 +184,8 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
          "out_dim": LATENT_CHANNELS, "dim": 128, "ffn_dim": 256, "freq_dim": 256, "text_dim": text_encoder.EMBED_DIM,
          "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True,
          "eps": 1e-6},
-        "Wan 2.1-style T2V DiT rectified flow on 8-frame 16x16 videos (multi-text video; TL_DemoPromptSequence)",
-        (LATENT_CHANNELS, 8, 4, 4),  # [C, T, H, W]: the fold has no temporal compression, any T >= 1 works
+        "Wan 2.1-style T2V DiT rectified flow on 4-frame 16x16 videos (multi-text video; TL_DemoPromptSequence)",
+        (LATENT_CHANNELS, 4, 4, 4),  # [C, T, H, W]: the fold has no temporal compression, any T >= 1 works
     ),
 }  # fmt: skip
 
@@ -219,8 +220,11 @@ def init_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         else:
             p.zero_()
     for name, b in module.named_buffers():
-        if name.endswith("pos_embed"):
-            b.copy_(0.02 * torch.randn(b.shape, generator=gen))
+        if name.endswith("pos_embed"):  # a buffer (never trained): the usual 2-D sin-cos table over patch positions
+            side = math.isqrt(b.shape[-2])
+            centre = (side - 1) / 2
+            table = get_2d_sincos_pos_embed_torch(b.shape[-1], side, side, val_center=centre, val_magnitude=centre)
+            b.copy_(table.reshape(b.shape))
     return module
 
 

@@ -149,7 +149,7 @@ PROMPT = "large red circle left"
 def pag_row() -> Row:
     pag = lambda g, m: g.add("TL_PerturbedAttention", model=m, scale=2.0)  # noqa: E731
     return Row(
-        "pag", "Perturbed-Attention Guidance", "shapes_unet_large, CFG 3, 20 steps",
+        "pag", "Perturbed-Attention Guidance", f"'{PROMPT}', shapes_unet_large, CFG 3, 20 steps",
         Variant("CFG 3", text_to_image(LARGE, PROMPT)),
         Variant("CFG 3 + PAG 2 (layer m0)", text_to_image(LARGE, PROMPT, patch=pag)),
         wanted=dict(zip(("size", "colour", "shape", "position"), PROMPT.split(), strict=True)),
@@ -163,8 +163,8 @@ def tstitch_row() -> Row:
 
     text = "small blue square right"
     return Row(
-        "tstitch", "T-Stitch", "small UNet (1.5M) for the first 40% of steps, large (2.6M, ~3x the cost "
-        "per step) after; 20 steps",
+        "tstitch", "T-Stitch", f"'{text}': small UNet (1.5M) for the first 40% of steps, large (2.6M, ~3x the "
+        "cost per step) after; 20 steps",
         Variant("large model only", text_to_image(LARGE, text)),
         Variant("small -> large at 40%", text_to_image(LARGE, text, patch=stitched)),
         wanted=dict(zip(("size", "colour", "shape", "position"), text.split(), strict=True)),
@@ -212,7 +212,7 @@ def flowturbo_row() -> Row:
     euler = lambda g: g.add("KSamplerSelect", sampler_name="euler")  # noqa: E731
     turbo = lambda g: g.add("TL_FlowTurboSampler", heun_steps=1, refine_steps=0)  # noqa: E731
     return Row(
-        "flowturbo", "FlowTurbo", "shapes_dit_flow (SD3 MMDiT, rectified flow), 6 model calls each",
+        "flowturbo", "FlowTurbo", f"'{text}', shapes_dit_flow (SD3 MMDiT, rectified flow), 6 model calls each",
         Variant("Euler, 6 steps", build_with(euler, 6)),
         Variant("FlowTurbo: Heun 1 + 4 pseudo-corrector", build_with(turbo, 5)),
         wanted=dict(zip(("size", "colour", "shape", "position"), text.split(), strict=True)),
@@ -258,7 +258,7 @@ def diffusehigh_row() -> Row:
         return decode(g, up, loader)
 
     return Row(
-        "diffusehigh", "DiffuseHigh", "64x64 from a model trained at 32x32 (shapes_unet_large)",
+        "diffusehigh", "DiffuseHigh", f"'{text}' at 64x64 from a model trained at 32x32 (shapes_unet_large)",
         Variant("direct 64x64 sampling", text_to_image(LARGE, text, size=64)),
         Variant("32x32, then DiffuseHigh x2", high),
         wanted=dict(zip(("size", "colour", "shape", "position"), text.split(), strict=True)),

@@ -44,6 +44,7 @@ class TrainSettings:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup: int = 100
+    decay_from: float = 1.0  # share of the steps after which the learning rate falls linearly to 0 (1.0: never)
     cfg_dropout: float = 0.1  # share of prompts replaced by the empty (unconditional) prompt
     ema: float = 0.999
     seed: int = 0
@@ -80,6 +81,13 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator) ->
     return (weight.view(view) * (denoised - x0) ** 2).mean()
 
 
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then constant, then (from decay_from of the run) a linear fall to zero."""
+    done = step / settings.steps
+    tail = 1.0 if done < settings.decay_from else max(0.0, (1.0 - done) / (1.0 - settings.decay_from))
+    return min(1.0, (step + 1) / settings.warmup) * tail
+
+
 def train(model, family: str, sample: BatchSampler, settings: TrainSettings, log=print) -> dict:
     """Train `model.diffusion_model` in place; return the EMA weights and a summary of the run."""
     torch.manual_seed(settings.seed)
@@ -90,7 +98,7 @@ def train(model, family: str, sample: BatchSampler, settings: TrainSettings, log
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / settings.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: lr_factor(step, settings))
     started, running = time.monotonic(), 0.0
     with torch.inference_mode(False):
         for step in range(1, settings.steps + 1):
