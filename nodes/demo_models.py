@@ -23,7 +23,6 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import torch
-from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
 from comfy_api.latest import io
 
 from ..demo import text_encoder
@@ -220,11 +219,8 @@ def init_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         else:
             p.zero_()
     for name, b in module.named_buffers():
-        if name.endswith("pos_embed"):  # a buffer (never trained): the usual 2-D sin-cos table over patch positions
-            side = math.isqrt(b.shape[-2])
-            centre = (side - 1) / 2
-            table = get_2d_sincos_pos_embed_torch(b.shape[-1], side, side, val_center=centre, val_magnitude=centre)
-            b.copy_(table.reshape(b.shape))
+        if name.endswith("pos_embed"):
+            b.copy_(0.02 * torch.randn(b.shape, generator=gen))
     return module
 
 
