@@ -413,7 +413,7 @@ def score(world: World, row: Row, images: torch.Tensor, wanted: list[dict[str, s
 PROMPTS = [("red circle", {"colour": "red", "shape": "circle"}), ("blue square", {"colour": "blue", "shape": "square"}),
            ("green triangle", {"colour": "green", "shape": "triangle"}),
            ("yellow circle", {"colour": "yellow", "shape": "circle"})]  # fmt: skip
-PER_PROMPT = 8
+PER_PROMPT = 6
 
 
 def prompt_batch(world: World, role: str, variant_fn, seed: int) -> tuple[torch.Tensor, list[dict], float]:
@@ -572,30 +572,40 @@ def exp_flowturbo(world: World, seeds) -> list[Row]:
     return run_variants(world, "FlowTurbo", role, variants, seeds)
 
 
-def exp_cvsg(world: World, seeds, scales=(0.0, 0.05, 0.1)) -> list[Row]:
+def exp_cvsg(world: World, seeds) -> list[Row]:
     """'red circle' x 2·PER_PROMPT generated one after another (batch_mode sequential) with TL_VendiGuider at cfg 3,
-    every 5th step, demo-classifier features, a fresh memory bank per run, no exemplars: diversity vs adherence."""
+    every 5th step, demo-classifier features, a fresh memory bank per run: plain CFG, VSG (no exemplars) and c-VSG
+    with 4 real 'red circle' scenes as exemplars (contextual weight 2, the paper's beta, and 0.5): diversity vs
+    adherence."""
     from harness import pack
 
     vn, bank = pack("nodes.vendi"), pack("nodes.vendi_bank")
     features = pack("nodes.demo_features").DemoClassifierExtractor("shapes_attributes")
     role = "unet_large"
+    want = {"colour": "red", "shape": "circle"}
     model, vae = world.load(role)
     positive, empty = world.encode("red circle", role), world.encode("", role)
+    exemplars = world.real_scenes([want] * 4, seed=2024)
     batch = 2 * PER_PROMPT
 
-    def run(scale):
+    def run(scale, with_exemplars, weight=2.0):
         def one(seed):
-            name = f"evidence_{seed}_{scale:g}"
+            name = f"evidence_{seed}_{scale:g}_{int(with_exemplars)}_{weight:g}"
             bank.MemoryBank(name).clear()
-            guider = vn.VendiGuider.execute(model, positive, empty, 3.0, scale, 2.0, 5, name, features=features,
-                                            vae=vae, update_bank=False).result[0]  # fmt: skip
+            guider = vn.VendiGuider.execute(model, positive, empty, 3.0, scale, weight, 5, name, features=features,
+                                            vae=vae, exemplars=exemplars if with_exemplars else None,
+                                            update_bank=False).result[0]  # fmt: skip
             return timed_images(lambda: world.generate(model, vae, None, None, seed=seed, batch=batch, guider=guider))
 
         return one
 
-    variants = {("plain CFG 3 (scale 0)" if s == 0 else f"c-VSG scale {s:g}"): run(s) for s in scales}
-    return run_fixed(world, "c-VSG", variants, {"colour": "red", "shape": "circle"}, seeds)
+    variants = {
+        "plain CFG 3 (scale 0)": run(0.0, False),
+        "VSG scale 0.05 (no exemplars)": run(0.05, False),
+        "c-VSG scale 0.05 (4 exemplars)": run(0.05, True),
+        "c-VSG scale 0.05 (4 exemplars, contextual weight 0.5)": run(0.05, True, 0.5),
+    }
+    return run_fixed(world, "c-VSG", variants, want, seeds)
 
 
 def exp_diffusehigh(world: World, seeds) -> list[Row]:
@@ -775,10 +785,12 @@ CLAIMS = [
     ("flowturbo", "FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Heun 8 steps (15 calls)", "FD", False,
      "at equal model calls FlowTurbo beats Heun (paper: better FID at equal latency)"),
     ("flowturbo", "FlowTurbo", "FlowTurbo H1P13 (15 calls)", "Euler 15 steps", "FD", False, "... and Euler"),
-    ("cvsg", "c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "Vendi", True,
+    ("cvsg", "c-VSG", "c-VSG scale 0.05 (4 exemplars)", "plain CFG 3 (scale 0)", "Vendi", True,
      "c-VSG raises diversity (paper: coverage up)"),
-    ("cvsg", "c-VSG", "c-VSG scale 0.1", "plain CFG 3 (scale 0)", "adherence", True,
+    ("cvsg", "c-VSG", "c-VSG scale 0.05 (4 exemplars)", "plain CFG 3 (scale 0)", "adherence", True,
      "... while prompt adherence holds"),
+    ("cvsg", "c-VSG", "c-VSG scale 0.05 (4 exemplars)", "VSG scale 0.05 (no exemplars)", "FD", False,
+     "exemplars keep the guided images nearer real scenes than VSG without them (paper: contextualisation)"),
     ("diffusehigh", "DiffuseHigh", "DiffuseHigh", "direct 64² sampling", "duplicates", False,
      "fewer duplicated objects than sampling directly at 2× the training size"),
     ("diffusehigh", "DiffuseHigh", "DiffuseHigh", "plain upscale + img2img", "FD", False,
