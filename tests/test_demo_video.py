@@ -54,10 +54,15 @@ def decode_frames(vae, samples: torch.Tensor) -> np.ndarray:
     return images.reshape(samples.shape[0], samples.shape[2], *images.shape[1:]).movedim(-1, 2).numpy()
 
 
-def centroid_track(frames: np.ndarray) -> np.ndarray:
+def clip_background(clip: np.ndarray) -> np.ndarray:
+    """[3, 1, 1]: the median colour of a clip [T, 3, H, W] (the shape covers a minority of every frame)."""
+    return np.median(clip.reshape(clip.shape[0], 3, -1), axis=(0, 2))[:, None, None]
+
+
+def centroid_track(clip: np.ndarray) -> np.ndarray:
     """[T, 3, H, W] -> [T, 2] shape centroid (x, y) per frame, frame widths, against the clip's background."""
-    background = np.median(frames.reshape(frames.shape[0], 3, -1), axis=(0, 2))[:, None, None]
-    return np.asarray([world.centroid(frame, background) for frame in frames])
+    background = clip_background(clip)
+    return np.asarray([world.centroid(frame, background) for frame in clip])
 
 
 def travel(track: np.ndarray, axis: int) -> float:
@@ -79,7 +84,7 @@ def sample_prompts(model, vae, prompts: list[str], seed: int) -> np.ndarray:
 def shape_colour(clip: np.ndarray) -> str:
     """The demo colour nearest to the mean colour of the pixels that stand out most from the clip's background
     (the same selection as demo.shapes_world.centroid), over all frames of [T, 3, H, W]."""
-    background = np.median(clip.reshape(clip.shape[0], 3, -1), axis=(0, 2))[:, None, None]
+    background = clip_background(clip)
     pixels = []
     for frame in clip:
         weight = np.abs(frame - background).sum(axis=0)
