@@ -84,7 +84,8 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator) ->
 def lr_factor(step: int, settings: TrainSettings) -> float:
     """Linear warm-up, then constant, then (from decay_from of the run) a linear fall to zero."""
     done = step / settings.steps
-    tail = 1.0 if done < settings.decay_from else max(0.0, (1.0 - done) / (1.0 - settings.decay_from))
+    decaying = settings.decay_from < 1.0 and done >= settings.decay_from
+    tail = max(0.0, (1.0 - done) / (1.0 - settings.decay_from)) if decaying else 1.0
     return min(1.0, (step + 1) / settings.warmup) * tail
 
 
