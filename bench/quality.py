@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment_line, start_comfyui  # noqa: E402
 
 PENDING = "pending demo models"
+STEPS = 15  # sampler steps of every image experiment unless it says otherwise (the run must fit ~10 minutes)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -362,7 +363,7 @@ def latent_for(model, vae, batch: int, pixels: int = 32) -> torch.Tensor:
     return torch.zeros(batch, channels, pixels // ratio, pixels // ratio)
 
 
-def generate(model, vae, positive, negative, *, seed: int, batch: int, steps: int = 20, cfg: float = 4.0,
+def generate(model, vae, positive, negative, *, seed: int, batch: int, steps: int = STEPS, cfg: float = 4.0,
              sampler: str = "euler", scheduler: str = "normal", pixels: int = 32, guider=None, sampler_obj=None,
              sigmas=None) -> torch.Tensor:  # fmt: skip
     """IMAGE [B, H, W, 3] from noise: ComfyUI's KSampler path, or a GUIDER / SAMPLER object when given."""
@@ -750,12 +751,12 @@ def exp_video(world: World, seeds) -> list[Row]:
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str]] = {
-    "pag": (exp_pag, "PAG on the UNet vs CFG only vs ComfyUI's built-in PAG (cfg 3, PAG scale 3, euler 20 steps)"),
+    "pag": (exp_pag, f"PAG on the UNet vs CFG only vs ComfyUI's built-in PAG (cfg 3, scale 3, euler {STEPS} steps)"),
     "pag_dit": (
         lambda world, seeds: exp_pag(world, seeds, "dit_flow"),
-        "PAG on the flow DiT vs CFG only vs the built-in node (a no-op on DiTs): cfg 3, scale 3, euler 20",
+        f"PAG on the flow DiT vs CFG only vs the built-in node (a no-op on DiTs): cfg 3, scale 3, euler {STEPS}",
     ),
-    "tstitch": (exp_tstitch, "T-Stitch: small model for the first r of 20 euler steps, then the large one"),
+    "tstitch": (exp_tstitch, f"T-Stitch: small model for the first r of {STEPS} euler steps, then the large one"),
     "fkc_and": (exp_fkc_and, "FKC AND-composition 'red' AND 'circle' (cfg 3 per prompt): adherence = success rate"),
     "fkc_anneal": (exp_fkc_anneal, "FKC annealing: 'red circle', cfg 3, beta 2 (the sharpened CFG target)"),
     "flowturbo": (exp_flowturbo, "FlowTurbo vs Euler / Heun at equal model calls (equal wall time) on the flow DiT"),
