@@ -274,7 +274,7 @@ def video_row(object_info: dict) -> Row | None:
     if "shapes_video_wan" not in names or not (PACK_ROOT / "demo/weights/shapes_video_wan.safetensors").is_file():
         return None
     prompts = ["red circle moves right", "red circle moves down"]
-    frames = 8
+    frames = 4  # the clip length shapes_video_wan was trained on
 
     def independent(g: Graph) -> str:
         loader = load(g, "shapes_video_wan")
@@ -374,8 +374,9 @@ def render_sheet(rows: list[Row], elapsed: float) -> Image.Image:
         for side in ("baseline", "technique"):
             variant: Variant = getattr(row, side)
             images = row.results[side]["images"]
-            if variant.frames > 1:  # a clip: its frames in reading order, 8 per line
-                strips.append(_strip(images, cell // 2, 8))
+            if variant.frames > 1:  # a clip: its frames in reading order, at most 8 per line, fitted to the group
+                per_row = min(8, len(images))
+                strips.append(_strip(images, min(cell // 2, (group_width - (per_row - 1) * GAP) // per_row), per_row))
             else:
                 strips.append(_strip(images, cell, BATCH))
         height = max(s.height for s in strips) + 44
