@@ -453,13 +453,13 @@ def _demo_workflows() -> list[Workflow]:
     )
     video = Workflow(
         "multitext_video_demo",
-        "**Multi-text video, demo Wan-style DiT (16x16, 8 frames per segment).** One segment per line; each "
+        "**Multi-text video, demo Wan-style DiT (16x16, 4 frames per segment).** One segment per line; each "
         "later segment continues from the previous last frame." + DEMO_NOTE,
         [
             demo_loader(1, "shapes_video_wan"),
             N(2, "TL_DemoPromptSequence", {"text": "red circle moves right\nred circle moves down"}),
             demo_text(3, "", "Negative prompt (empty: unconditional)"),
-            demo_latent(4, batch=1, size=16, frames=8),
+            demo_latent(4, batch=1, size=16, frames=4),
             N(
                 5,
                 "TL_MultiTextVideo",
