@@ -1,6 +1,6 @@
 """The pack in the real ComfyUI frontend (comfyui-frontend-package) in headless Chromium.
 
-Every example workflow is dropped onto the page (the frontend's own file handler), must load with every node
+Every example workflow is dropped onto the page (a drop event carrying the file), must load with every node
 known and every widget value in place, and must give the frontend's prompt exactly the saved API copy. The
 extension's timelines draw what the widgets say, the FKC sampler plots the ESS its events report after a run
 queued from the page, and the demo workflows run from the page to images. Screenshots go to out/browser/.
@@ -44,7 +44,13 @@ async ([name, text]) => {
     document.querySelectorAll(".p-toast-close-button").forEach((b) => b.click());
     await new Promise((r) => setTimeout(r, 50));
   }
-  await app.handleFile(new File([text], `${name}.json`, { type: "application/json" }));
+  // A real drop event on the canvas, carrying the file, as the browser sends when a user drops it.
+  app.graph.clear();
+  const expected = JSON.parse(text).nodes.length, files = new DataTransfer();
+  files.items.add(new File([text], `${name}.json`, { type: "application/json" }));
+  const canvas = document.querySelector("#graph-canvas");
+  canvas.dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true, cancelable: true }));
+  for (let i = 0; i < 200 && app.graph.nodes.length !== expected; i++) await new Promise((r) => setTimeout(r, 50));
   await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
   const registered = window.LiteGraph.registered_node_types;
   const dialogs = [...document.querySelectorAll(".p-dialog, .p-toast-message")].map((d) => d.innerText);
