@@ -134,6 +134,47 @@ def test_extension_is_registered_without_errors(page):
     assert not [e for e in frontend_errors(page) if "trajectory_lab" in e], frontend_errors(page)
 
 
+TEMPLATES_JS = """
+async () => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  await window.app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  const dialog = () => document.querySelector(".p-dialog");
+  for (let i = 0; i < 100 && !/Showing \\d+ of \\d+ templates/.test(dialog()?.innerText ?? ""); i++) await sleep(50);
+  // Cards load their thumbnails as they scroll into view: scroll to the last one until no new one appears.
+  const loaded = new Set();
+  for (let i = 0, unchanged = 0; i < 80 && (unchanged < 6 || !loaded.size); i++) {
+    const before = loaded.size, images = [...dialog().querySelectorAll("img")];
+    images.filter((img) => img.complete && img.naturalWidth > 0).forEach((img) => loaded.add(img.alt));
+    images.at(-1)?.scrollIntoView();
+    await sleep(150);
+    unchanged = loaded.size === before ? unchanged + 1 : 0;
+  }
+  return { text: dialog().innerText, thumbnails: [...loaded] };
+}
+"""
+
+
+CLOSE_DIALOGS_JS = """
+async () => {
+  for (let i = 0; i < 100 && document.querySelector(".p-dialog"); i++) {
+    document.querySelectorAll(".p-dialog .p-dialog-close-button, .p-dialog button:has(> i.pi-times)")
+      .forEach((button) => button.click());
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return !document.querySelector(".p-dialog");
+}
+"""
+
+
+def test_template_browser_shows_every_example_with_its_thumbnail(page):
+    shown = page.evaluate(TEMPLATES_JS)
+    page.screenshot(path=str(ARTIFACTS / "template_browser.png"))
+    assert page.evaluate(CLOSE_DIALOGS_JS), "the template browser did not close"
+    lines = set(shown["text"].splitlines())
+    assert set(NAMES) <= lines, set(NAMES) - lines
+    assert set(NAMES) <= set(shown["thumbnails"]), set(NAMES) - set(shown["thumbnails"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_dropped_workflow_loads_completely_and_prompts_as_saved(page, name):
     text = (EXAMPLES_DIR / f"{name}.json").read_text()
@@ -260,7 +301,7 @@ def test_the_drop_check_sees_a_missing_node_and_a_lost_widget_value(page):
     sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
     sampler["widgets_values"].append("stray value")
     result = json.loads(page.evaluate(DROP_JS, ["broken", json.dumps(workflow)]))
-    page.keyboard.press("Escape")
+    page.evaluate(CLOSE_DIALOGS_JS)
     assert any("TL_NoSuchNode" in d for d in result["dialogs"]), result["dialogs"]
     assert [n["type"] for n in result["nodes"] if not n["known"]] == ["TL_NoSuchNode"]
     saved = next(n for n in result["saved"]["nodes"] if n["type"] == "KSampler")
