@@ -161,7 +161,7 @@ def tstitch_row() -> Row:
         small = load(g, SMALL)
         return g.add("TL_TStitchModel", small_model=(small, 0), large_model=large, small_fraction=0.4)
 
-    text = "small blue square right"
+    text = "large blue triangle left"
     return Row(
         "tstitch", "T-Stitch", f"'{text}': small UNet (1.5M) for the first 40% of steps, large (2.6M, ~3x the "
         "cost per step) after; 20 steps",
@@ -247,7 +247,7 @@ def cvsg_row() -> Row:
 
 
 def diffusehigh_row() -> Row:
-    text = "large yellow square center"
+    text = "large yellow circle center"
 
     def high(g: Graph) -> str:
         loader = load(g, LARGE)
