@@ -445,6 +445,9 @@ def run_variants(world: World, experiment: str, role: str, variants: dict[str, C
     return [*rows.values(), world.floor_row(experiment, wanted, seeds)]
 
 
+UNET_WIDE_LAYERS = "m0,u0,u1,u2,u3,u4,u5"
+
+
 def exp_pag(world: World, seeds, role: str = "unet_large") -> list[Row]:
     """CFG 3 alone, with our PAG (scale 3, default layer) and with ComfyUI's built-in PAG node (scale 3)."""
     import comfy_extras.nodes_pag
@@ -456,6 +459,10 @@ def exp_pag(world: World, seeds, role: str = "unet_large") -> list[Row]:
     variants = {"CFG only": model,
                 "ours PAG 3.0": pag.apply_perturbed_attention(model, 3.0, 0.0, "auto", 0.0, 1.0, 0.0, True),
                 "built-in PAG 3.0": builtin.execute(model, 3.0).result[0]}  # fmt: skip
+    if role != "dit_flow":  # the layers make demo uses: the middle block alone barely moves these small UNets
+        variants[f"ours PAG 3.0, layers {UNET_WIDE_LAYERS}"] = pag.apply_perturbed_attention(
+            model, 3.0, 0.0, UNET_WIDE_LAYERS, 0.0, 1.0, 0.0, True
+        )
 
     def fn(m):
         return lambda pos, neg, seed: world.generate(m, vae, pos, neg, seed=seed, batch=PER_PROMPT, cfg=3.0)
@@ -788,6 +795,8 @@ def table(rows: list[Row]) -> list[str]:
 CLAIMS = [
     ("pag", "PAG (UNet)", "ours PAG 3.0", "CFG only", "FD", False,
      "PAG moves samples closer to real scenes (paper: lower FID)"),
+    ("pag", "PAG (UNet)", f"ours PAG 3.0, layers {UNET_WIDE_LAYERS}", "CFG only", "FD", False,
+     "... on the middle and output blocks"),
     ("pag", "PAG (UNet)", "ours PAG 3.0", "built-in PAG 3.0", "FD", False,
      "same layer (middle block) as the built-in node: the same images"),
     ("pag_dit", "PAG (DiT)", "ours PAG 3.0", "CFG only", "FD", False, "PAG helps a DiT too (the built-in node cannot)"),
