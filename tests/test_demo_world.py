@@ -212,7 +212,8 @@ def generate(host, model_name: str, batch: int, steps: int, cfg: float, seed: in
 
 
 # Floors set from measured rates (seed 0, batch 4 x 8 prompts = 32 images, euler, 10 steps; 20 steps gave the same
-# rates) with a margin of about two images' worth, kept as regression tests:
+# rates; seeds 100 and 200: small 0.73-0.73 / 0.19, large 0.93-0.94 / 0.72-0.75, DiT 0.75-0.77 / 0.22-0.25) with a
+# margin of a few images' worth, kept as regression tests:
 #   shapes_unet_small  attribute 0.773, all four 0.219
 #   shapes_unet_large  attribute 0.914, all four 0.656
 #   shapes_dit_flow    attribute 0.719, all four 0.188 (euler on the simple schedule; 20 steps 0.719 / 0.219)
