@@ -49,7 +49,7 @@ class Plan:
 # Step counts fixed so each run takes about 8-20 minutes on one shared CPU core.
 PLANS = {
     CLASSIFIER: Plan(steps=1000, batch=128, lr=2e-3),
-    "shapes_unet_small": Plan(steps=1000, batch=32),
+    "shapes_unet_small": Plan(steps=2000, batch=32, decay_from=0.5),
     "shapes_unet_large": Plan(steps=2400, batch=32, decay_from=0.5),
     "shapes_dit_flow": Plan(steps=2400, batch=32, lr=5e-4, decay_from=0.5),
 }
