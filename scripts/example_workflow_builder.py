@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -689,6 +690,7 @@ def build(selected: list[str], graphs_only: bool = False) -> None:
         page, _ = open_comfyui(context, server.url)
         for w in chosen:
             result = json.loads(page.evaluate(BUILD_JS, spec_json(w)))
+            result["ui"]["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"trajectory-lab/{w.name}"))  # stable rebuilds
             picture = None
             if w.demo and not graphs_only:  # a demo workflow's thumbnail is what it makes (the README shows it)
                 picture = demo_thumbnail(page, server.url, w)
