@@ -130,7 +130,9 @@ def test_restart_runs_the_large_segment_as_a_fresh_multistep_run_from_the_switch
 
 def loaded_record(model):
     """ComfyUI's LoadedModel record holding `model`'s network (any clone of it), or None."""
-    records = [r for r in comfy.model_management.current_loaded_models if r.model.model is model.model]
+    # Records of patchers already garbage-collected by earlier tests hold model None (LoadedModel keeps a weakref).
+    loaded = [r for r in comfy.model_management.current_loaded_models if r.model is not None]
+    records = [r for r in loaded if r.model.model is model.model]
     assert len(records) <= 1
     return records[0] if records else None
 
