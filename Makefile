@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Small CPU convolutions run ~100x slower with 2 threads on 2-core machines (shared/HOST.md).
 export OMP_NUM_THREADS := 1
 
-.PHONY: test demo lint comfyui clean browser workflows
+.PHONY: test demo lint comfyui clean browser workflows evidence
 
 $(STAMP): requirements-test.txt scripts/torchvision_shim.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy samplers guidance
 
-test: comfyui lint
+test: comfyui browser lint
 	$(BIN)/python -m pytest
 
 demo: comfyui
@@ -39,6 +39,9 @@ demo: comfyui
 
 browser:
 	bash scripts/browser_setup.sh
+
+evidence: comfyui
+	$(BIN)/python bench/evidence.py
 
 workflows: comfyui
 	PYTHONPATH=scripts $(BIN)/python scripts/example_workflow_builder.py

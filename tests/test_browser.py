@@ -5,7 +5,7 @@ known and every widget value in place, and must give the frontend's prompt exact
 extension's timelines draw what the widgets say, the FKC sampler plots the ESS its events report after a run
 queued from the page, and the demo workflows run from the page to images. Screenshots go to out/browser/.
 
-Chromium must be installed (`bash scripts/browser_setup.sh`; `.ci/run` does it): without it these tests fail.
+Chromium must be installed (`make test` runs `scripts/browser_setup.sh` first): without it these tests fail.
 """
 
 import json
