@@ -12,6 +12,7 @@ import pytest
 import tiny_models
 import torch
 from harness import in_process_host, pack
+from probes import progress_reports
 
 wavelets = pack("guidance.wavelets")
 sharpening = pack("guidance.sharpen")
@@ -340,33 +341,16 @@ def test_tiled_vae_option_uses_the_tiled_paths(monkeypatch):
 
 
 def test_progress_bar_runs_over_stages_times_steps_and_cancel_stops_it():
-    reports = []
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-
-    def hook(value, total, preview, node_id=None):
-        reports.append((value, total))
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
+    with progress_reports() as reports:
         run_node(**sd15_inputs(stages=2, scale_factor=1.5))
-        assert {total for _, total in reports} == {2 * STEPS}
-        values = [v for v, _ in reports]
-        assert values == sorted(values) and values[-1] == 2 * STEPS and set(range(1, 2 * STEPS + 1)) <= set(values)
+    assert {total for _, total in reports} == {2 * STEPS}
+    values = [v for v, _ in reports]
+    assert values == sorted(values) and values[-1] == 2 * STEPS and set(range(1, 2 * STEPS + 1)) <= set(values)
 
-        reports.clear()
-
-        def cancelling_hook(value, total, preview, node_id=None):
-            reports.append((value, total))
-            if value == 2:
-                comfy.model_management.interrupt_current_processing(True)
-
-        comfy.utils.set_progress_bar_global_hook(cancelling_hook)
+    with progress_reports(cancel_at=2) as reports:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_node(**sd15_inputs(stages=2, scale_factor=1.5))
         assert max(v for v, _ in reports) == 2 and not comfy.model_management.processing_interrupted()
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
-        comfy.model_management.interrupt_current_processing(False)
 
 
 def test_inputs_are_not_mutated_and_a_rerun_is_identical():

@@ -20,6 +20,7 @@ import tiny_models
 import torch
 import video_models
 from harness import in_process_host, pack
+from probes import progress_reports
 from video_models import LinearGaussianVideo, prompt_means, video_conditioning
 
 temporal = pack("guidance.temporal")
@@ -440,34 +441,17 @@ def test_model_calls_follow_steps_inversion_steps_and_refinement(tiny):
 
 
 def test_progress_bar_runs_over_segments_times_steps_and_cancel_stops_it(tiny):
-    reports = []
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-
-    def hook(value, total, preview, node_id=None):
-        reports.append((value, total))
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
+    with progress_reports() as reports:
         run_node(tiny["model"], tiny["vae"], wan_prompts(3), inversion_steps=4)
-        total = 3 * STEPS + 2 * 4
-        assert {t for _, t in reports} == {total}
-        values = [v for v, _ in reports]
-        assert values == sorted(values) and set(range(1, total + 1)) <= set(values)
+    total = 3 * STEPS + 2 * 4
+    assert {t for _, t in reports} == {total}
+    values = [v for v, _ in reports]
+    assert values == sorted(values) and set(range(1, total + 1)) <= set(values)
 
-        reports.clear()
-
-        def cancelling_hook(value, total, preview, node_id=None):
-            reports.append((value, total))
-            if value == STEPS + 2:  # inside segment 2's inversion
-                comfy.model_management.interrupt_current_processing(True)
-
-        comfy.utils.set_progress_bar_global_hook(cancelling_hook)
+    with progress_reports(cancel_at=STEPS + 2) as reports:  # inside segment 2's inversion
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_node(tiny["model"], tiny["vae"], wan_prompts(3))
         assert max(v for v, _ in reports) == STEPS + 2 and not comfy.model_management.processing_interrupted()
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
-        comfy.model_management.interrupt_current_processing(False)
 
 
 def test_inputs_are_not_mutated(tiny):
