@@ -11,12 +11,13 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from atomic import write_atomically  # noqa: E402, F401  (the benchmarks import it from here)
 
 # fmt: off
 _UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -111,19 +112,6 @@ def environment_line(device: str) -> str:
         load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     return (f"{processor_name(device)}; torch {torch.__version__}; ComfyUI {comfyui_version.__version__}; "
             f"Python {platform.python_version()}; {today}{load}")  # fmt: skip
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def bench_arguments(doc: str, out_name: str, cpu_repeats: int, cuda_repeats: int) -> argparse.Namespace | None:

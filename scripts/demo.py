@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from atomic import atomic_destination
 from comfy_host import PACK_ROOT, ServerHost
 from PIL import Image, ImageDraw, ImageFont
 
@@ -427,16 +427,8 @@ def comfy_version() -> str:
 
 
 def save_atomically(image: Image.Image, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".png.partial")
-    os.close(fd)
-    try:
+    with atomic_destination(target) as tmp:
         image.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main() -> int:

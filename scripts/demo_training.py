@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from atomic import atomic_destination
 from comfy_host import PACK_ROOT, InProcessHost
 
 PACK_FOLDER = "trajectory_lab"
@@ -127,14 +126,6 @@ def save_weights(path: Path, state_dict: dict, metadata: dict) -> None:
     """fp16 safetensors with string metadata, written beside the target and renamed into place."""
     import safetensors.torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    os.close(fd)
-    try:
+    with atomic_destination(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are shipped files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atomic import write_atomically
 from comfyui_tree import REPO_ROOT
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
@@ -595,13 +595,6 @@ def spec_json(w: Workflow) -> dict:
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def dumps(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
@@ -696,10 +689,10 @@ def build(selected: list[str], graphs_only: bool = False) -> None:
                 picture = demo_thumbnail(page, server.url, w)
             elif not w.demo:
                 picture = graph_thumbnail(page)
-            write_atomic(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
-            write_atomic(API_DIR / f"{w.name}.json", dumps(result["api"]))
+            write_atomically(EXAMPLES_DIR / f"{w.name}.json", dumps(result["ui"]))
+            write_atomically(API_DIR / f"{w.name}.json", dumps(result["api"]))
             if picture:
-                write_atomic(EXAMPLES_DIR / f"{w.name}.jpg", picture)
+                write_atomically(EXAMPLES_DIR / f"{w.name}.jpg", picture)
             print(f"wrote {w.name}: {len(result['ui']['nodes'])} nodes")
         context.close()
 

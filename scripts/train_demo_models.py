@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from atomic import write_atomically  # noqa: E402
 from comfy_host import PACK_ROOT  # noqa: E402
 from demo_training import TrainSettings, pack, save_weights, train  # noqa: E402
 
@@ -81,12 +81,7 @@ def update_manifest(path: Path, record: dict) -> None:
     """Add or replace one file's record in MANIFEST.json (atomic rewrite)."""
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
     manifest[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size, **record}
-    fd, tmp = tempfile.mkstemp(dir=MANIFEST.parent, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(sorted(manifest.items())), f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, MANIFEST)
+    write_atomically(MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
 
 
 def train_classifier(data: ShapesDataset, plan: Plan, seed: int, command: str) -> dict:
