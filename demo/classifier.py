@@ -10,8 +10,6 @@ position stays visible. Weights are safetensors with the head spec in their meta
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..atomic_files import atomic_destination
 
 INPUT_SIZE = 32
 
@@ -119,19 +119,10 @@ def save_classifier(path: Path | str, model: AttributeClassifier, metadata: dict
     """fp32 safetensors (a few hundred KB) with the architecture in the metadata; atomic (temp file + rename)."""
     import safetensors.torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"heads": model.heads_spec, "width": model.width, "feature_dim": model.feature_dim, **(metadata or {})}
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    os.close(fd)
-    try:
+    with atomic_destination(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_classifier(path: Path | str) -> AttributeClassifier:

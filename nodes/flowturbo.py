@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ import safetensors.torch
 import torch
 from comfy_api.latest import io
 
+from ..atomic_files import atomic_destination
 from ..samplers.conventions import ode_derivative
 from ..samplers.flowturbo import REFINER_UPDATES, make_plan, sample_flowturbo
 from ..samplers.velocity_refiner import (
@@ -110,15 +110,8 @@ def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iterati
         "flow": str(base.flow), "latent_shape": json.dumps(list(latent_shape)), "hidden": str(net.hidden),
         "iteration": str(iteration), "pooled_dim": str(net.pooled_dim),
     }  # fmt: skip
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
-    os.close(fd)
-    try:
+    with atomic_destination(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_refiner_file(path: str) -> tuple[VelocityRefinerNet, VelocityRefinerNet, BaseModelInfo, dict]:

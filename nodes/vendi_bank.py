@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import folder_paths
 import safetensors.torch
 import torch
 from comfy_api.latest import io
+
+from ..atomic_files import write_atomically
 
 # ---------------------------------------------------------------------------------------------------------
 # Memory banks on disk
@@ -44,21 +44,6 @@ def check_bank_name(name) -> str:
 
 def bank_directory() -> Path:
     return Path(folder_paths.get_user_directory()) / "trajectory_lab" / "vendi_banks"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class MemoryBank:
@@ -94,7 +79,7 @@ class MemoryBank:
                     f"memory_bank {self.name!r}: holds {old.shape[1]}-dim features for {key}, got {features.shape[1]}"
                 )
             tensors[key] = features if old is None else torch.cat([old, features])
-            _write_atomically(self.path, safetensors.torch.save(tensors, metadata={"format": BANK_FORMAT}))
+            write_atomically(self.path, safetensors.torch.save(tensors, metadata={"format": BANK_FORMAT}))
             return tensors[key].shape[0]
 
     def clear(self) -> int:

@@ -1,31 +1,15 @@
-"""Writing a file so that a reader never sees it half-written: write beside the target, then rename over it."""
+"""The pack's atomic file writes (atomic_files.py) for scripts and benchmarks, which run outside the pack's package.
 
-from __future__ import annotations
+Loaded by path: putting the pack folder itself on sys.path would shadow ComfyUI's own `nodes` module.
+"""
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
+import importlib.util
 from pathlib import Path
 
-
-@contextlib.contextmanager
-def atomic_destination(path: Path) -> Iterator[str]:
-    """Yield a temporary path in the target's folder; on success it becomes `path` (world-readable, like any
-    shipped file: mkstemp makes 0600), on failure it is removed and the target is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    with atomic_destination(path) as tmp:
-        Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+_spec = importlib.util.spec_from_file_location(
+    "trajectory_lab_atomic_files", Path(__file__).parents[1] / "atomic_files.py"
+)
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+atomic_destination = _module.atomic_destination
+write_atomically = _module.write_atomically
