@@ -48,6 +48,11 @@ class TrainSettings:
     ema: float = 0.999
     seed: int = 0
     log_every: int = 100
+    # Noise levels: "uniform" over the model's sigmas, or "logit_normal" (rectified flow only, SD3's choice):
+    # t = sigmoid(logit_mean + logit_std * z), weighting the middle noise levels where layout and motion are decided.
+    noise_levels: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 def conditioning_kwargs(family: str, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -61,15 +66,28 @@ def conditioning_kwargs(family: str, prompts: list[str]) -> dict[str, torch.Tens
     return kwargs
 
 
-def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+def training_sigmas(sampling, n: int, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """n noise levels: uniform over the model's own sigmas, or logit-normal in flow time (sigma = shifted t)."""
+    import comfy.model_sampling
+
+    if settings.noise_levels == "uniform":
+        return sampling.sigmas[torch.randint(0, len(sampling.sigmas), (n,), generator=gen)]
+    if settings.noise_levels != "logit_normal":
+        raise ValueError(f"noise_levels: {settings.noise_levels!r}; expected 'uniform' or 'logit_normal'")
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        raise ValueError("noise_levels: 'logit_normal' is for rectified-flow models; use 'uniform'")
+    t = torch.sigmoid(settings.logit_mean + settings.logit_std * torch.randn(n, generator=gen))
+    return sampling.sigma(t * sampling.multiplier).clamp(min=float(sampling.sigma_min))
+
+
+def denoising_loss(model, x0: torch.Tensor, cond: dict, gen: torch.Generator, settings: TrainSettings) -> torch.Tensor:
     """MSE of the network's native target, written on the denoised estimate D: eps and flow targets are
     (x_t - x0) / sigma, an error of (D - x0) / sigma; v-prediction (sigma_data s) weighs D's squared error by
     1 / sigma^2 + 1 / s^2."""
     import comfy.model_sampling
 
     sampling = model.model_sampling
-    index = torch.randint(0, len(sampling.sigmas), (x0.shape[0],), generator=gen)
-    sigma = sampling.sigmas[index].to(x0.dtype)
+    sigma = training_sigmas(sampling, x0.shape[0], settings, gen).to(x0.dtype)
     noise = torch.randn(x0.shape, generator=gen)
     x_t = sampling.noise_scaling(sigma, noise, x0)
     denoised = model.apply_model(x_t, sigma, **cond)
@@ -104,7 +122,7 @@ def train(model, family: str, sample: BatchSampler, settings: TrainSettings, log
         for step in range(1, settings.steps + 1):
             x0, prompts = sample(rng, settings.batch)
             prompts = [p if rng.uniform() >= settings.cfg_dropout else "" for p in prompts]
-            loss = denoising_loss(model, x0, conditioning_kwargs(family, prompts), gen)
+            loss = denoising_loss(model, x0, conditioning_kwargs(family, prompts), gen, settings)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
