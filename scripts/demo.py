@@ -33,6 +33,10 @@ BATCH = 4
 SMALL, LARGE, DIT = "shapes_unet_small", "shapes_unet_large", "shapes_dit_flow"  # TL_LoadDemoModel names
 
 
+# Pure-torch pack files the sheet scores with, loaded on their own (tests/test_demo_world.py checks they load so).
+STANDALONE_PACK_FILES = ("demo/classifier.py", "guidance/vendi.py")
+
+
 def _pack_file(relative: str):
     """A pure-torch module of the pack (no relative imports) loaded from its file: the scoring runs here, outside
     the server, and this script's own name (demo) shadows the pack's demo/ package."""
