@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_files import atomic_destination
+
 INPUT_SIZE = 32
 
 
@@ -116,8 +118,6 @@ def accuracy(model: AttributeClassifier, images: torch.Tensor, labels: dict[str,
 def save_classifier(path: Path | str, model: AttributeClassifier, metadata: dict | None = None) -> None:
     """fp32 safetensors (a few hundred KB) with the architecture in the metadata; atomic (temp file + rename)."""
     import safetensors.torch
-
-    from ..atomic_files import atomic_destination  # here, not at the top: the main job loads this file on its own
 
     meta = {"heads": model.heads_spec, "width": model.width, "feature_dim": model.feature_dim, **(metadata or {})}
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}

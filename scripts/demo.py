@@ -33,18 +33,21 @@ BATCH = 4
 SMALL, LARGE, DIT = "shapes_unet_small", "shapes_unet_large", "shapes_dit_flow"  # TL_LoadDemoModel names
 
 
-# Pure-torch pack files the sheet scores with, loaded on their own (tests/test_demo_world.py checks they load so).
-STANDALONE_PACK_FILES = ("demo/classifier.py", "guidance/vendi.py")
+# Pure-torch pack modules the sheet scores with, imported outside the server (tests/test_demo_world.py checks they are).
+SCORING_MODULES = ("demo.classifier", "guidance.vendi")
+_PACKAGE = "tl_demo_sheet_pack"
 
 
-def _pack_file(relative: str):
-    """A pure-torch module of the pack (no relative imports) loaded from its file: the scoring runs here, outside
-    the server, and this script's own name (demo) shadows the pack's demo/ package."""
-    path = PACK_ROOT / relative
-    spec = importlib.util.spec_from_file_location(f"tl_demo_sheet_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _pack_module(submodule: str):
+    """A pure-torch module of the pack, imported from the pack folder as a package of its own name (relative imports
+    hold): the scoring runs here, outside the server, and this script's own name (demo) shadows the pack's demo/."""
+    if _PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            _PACKAGE, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
+        )
+        sys.modules[_PACKAGE] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[_PACKAGE])
+    return importlib.import_module(f"{_PACKAGE}.{submodule}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,9 +332,9 @@ class Judge:
     """The shapes attribute classifier, read directly from the pack's weights (pure torch)."""
 
     def __init__(self) -> None:
-        classifier = _pack_file("demo/classifier.py")
+        classifier = _pack_module("demo.classifier")
         self.model = classifier.load_classifier(PACK_ROOT / "demo/weights/shapes_classifier.safetensors")
-        self.vendi = _pack_file("guidance/vendi.py").vendi_score
+        self.vendi = _pack_module("guidance.vendi").vendi_score
 
     @staticmethod
     def tensor(images: list) -> torch.Tensor:

@@ -94,9 +94,9 @@ def test_shipped_classifier_reads_fresh_scenes():
     assert min(acc.values()) >= CLASSIFIER_FLOOR, acc
 
 
-def test_the_main_job_loads_its_scoring_files_outside_the_package():
-    """scripts/demo.py (make demo) scores the sheet with pack files loaded on their own: a top-level relative
-    import in one of them breaks the README's main command while every node still works."""
+def test_the_main_job_imports_its_scoring_modules_outside_the_server():
+    """scripts/demo.py (make demo) scores the sheet with pack modules it imports itself, not through ComfyUI: a
+    failure there breaks the README's main command while every node still works."""
     import importlib.util
     import sys
 
@@ -106,11 +106,11 @@ def test_the_main_job_loads_its_scoring_files_outside_the_package():
     main_job = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = main_job  # its dataclasses look their module up there
     spec.loader.exec_module(main_job)
-    loaded = {name: main_job._pack_file(name) for name in main_job.STANDALONE_PACK_FILES}
-    classifier = loaded["demo/classifier.py"].load_classifier(
+    loaded = {name: main_job._pack_module(name) for name in main_job.SCORING_MODULES}
+    classifier = loaded["demo.classifier"].load_classifier(
         PACK_ROOT / "demo" / "weights" / "shapes_classifier.safetensors"
     )
-    assert classifier.feature_dim > 0 and callable(loaded["guidance/vendi.py"].vendi_score)
+    assert classifier.feature_dim > 0 and callable(loaded["guidance.vendi"].vendi_score)
 
 
 def test_demo_features_are_differentiable_and_feed_vendi_nodes(host):
