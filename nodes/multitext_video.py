@@ -239,7 +239,9 @@ class PromptSequenceNode(io.ComfyNode):
             "non-empty line of text (encoded by the CLIP like CLIPTextEncode), then the connected conditioning "
             "inputs in order. Chain several through `previous` for longer sequences.",
             inputs=[
-                io.Clip.Input("clip", tooltip="Encodes each line of text."),
+                io.Clip.Input(
+                    "clip", optional=True, tooltip="Encodes each line of text; not needed for conditioning inputs."
+                ),
                 io.String.Input(
                     "text",
                     multiline=True,
@@ -259,7 +261,7 @@ class PromptSequenceNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, text, previous=None, **conditionings) -> io.NodeOutput:
+    def execute(cls, clip=None, text="", previous=None, **conditionings) -> io.NodeOutput:
         ordered = {
             f"conditioning_{i}": conditionings.get(f"conditioning_{i}") for i in range(1, CONDITIONING_INPUTS + 1)
         }

@@ -32,7 +32,8 @@ CONTRACT = {
                         "latent": REQUIRED, "scale_factor": 2.0, "stages": 1, "denoise": 0.3, "dwt_steps": 5,
                         "wavelet": REQUIRED, "sharpen": 1.0, "seed": REQUIRED, "steps": REQUIRED, "cfg": REQUIRED,
                         "sampler_name": REQUIRED, "scheduler": REQUIRED}, [], ["LATENT"]),
-    "TL_PromptSequence": ({"clip": REQUIRED, "text": REQUIRED}, [], ["TL_PROMPT_SEQUENCE"]),
+    # clip is optional so that a sequence of conditioning inputs alone needs no CLIP; stored links still connect.
+    "TL_PromptSequence": ({"text": REQUIRED}, ["clip"], ["TL_PROMPT_SEQUENCE"]),
     "TL_MultiTextVideo": ({k: REQUIRED for k in ("model", "vae", "prompts", "negative", "latent", "seed", "steps",
                                                  "cfg")}
                           | {"last_frame_inversion": 0.5, "dynamic_noise": True, "structure_guidance": 7.0}, [],

@@ -19,6 +19,7 @@ import pytest
 import tiny_models
 import torch
 import video_models
+from comfy_host import PromptError
 from harness import in_process_host, pack
 from probes import progress_reports
 from video_models import LinearGaussianVideo, prompt_means, video_conditioning
@@ -384,6 +385,20 @@ def test_prompt_sequence_from_text_and_conditioning_inputs(tiny):
         mtv.PromptSequenceNode.execute(clip, " \n ")
     with pytest.raises(ValueError, match="clip: "):
         mtv.PromptSequenceNode.execute(None, "a car")
+    # Through ComfyUI's validation and executor: conditioning inputs alone need no CLIP; text without one fails.
+    host = in_process_host()
+    graph = {
+        "a": {"class_type": "TLTest_TinyConditioning", "inputs": {"arch": "wan21", "seed": 9, "batch": 1}},
+        "b": {"class_type": "TLTest_TinyConditioning", "inputs": {"arch": "wan21", "seed": 10, "batch": 1}},
+        "seq": {"class_type": "TL_PromptSequence", "inputs": {"text": "", "conditioning_1": ["a", 0],
+                                                              "conditioning_3": ["b", 0]}},
+    }  # fmt: skip
+    from_graph = host.run(graph)["seq"][0]
+    assert from_graph.labels == ("conditioning_1", "conditioning_3")
+    assert torch.equal(from_graph.conditionings[1][0][0], tiny_models.tiny_conditioning("wan21", 10)[0][0])
+    graph["seq"]["inputs"]["text"] = "a car"
+    with pytest.raises(PromptError, match="clip: text has prompts but no CLIP"):
+        host.run(graph)
     # CLIP-encoded prompts (77 tokens) drive the tiny Wan model end to end.
     out = run_node(tiny["model"], tiny["vae"], first, negative=nodes.CLIPTextEncode().encode(clip, "")[0])
     assert out["samples"].shape == (1, 16, 5, 8, 8)
