@@ -94,7 +94,10 @@ def guide_structure(x0: Tensor, anchor: Tensor, weight: float, frame_dim: int = 
     """MEVG's structure guidance for a continuing segment, whose frame 0 duplicates the previous last frame.
 
     Frame 0 becomes the anchor (that frame's x0 at this step); frames 1.. are pulled toward their predecessors
-    with `weight` on the edge into frame 1 and boundary_weights fading along the segment.
+    with `weight` on the edge into frame 1 and boundary_weights fading along the segment. So the T - 1 new frames
+    see what the official code's T frames see (their first pulled toward the previous last frame), the layout the
+    weight was calibrated on. The pin is part of the guidance (callers skip this at weight 0); frame 0 is dropped
+    from the joined video either way.
     """
     frames = x0.shape[frame_dim]
     pinned = anchor.to(dtype=x0.dtype, device=x0.device).expand_as(x0.narrow(frame_dim, 0, 1))
