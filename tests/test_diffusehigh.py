@@ -11,6 +11,7 @@ import comfy.utils
 import pytest
 import tiny_models
 import torch
+import video_models
 from harness import in_process_host, pack
 from probes import progress_reports
 
@@ -327,6 +328,32 @@ def test_video_latent_is_upscaled_per_frame():
         sampled = run_node(**{**inputs, "denoise": 0.5, "sharpen": 1.0, "guidance_space": space})
         assert sampled.shape == (b, c, t, 2 * h, 2 * w) and torch.isfinite(sampled).all()
         assert (sampled - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tile", [0, 64])
+def test_video_vae_upscales_whole_clips(tile):
+    """A real Wan causal video VAE: each clip is decoded as a video (5 pixel frames from 2 latent frames), every
+    frame upscaled, and the clip encoded again as one video, as ComfyUI's VAEDecode -> ImageScale -> VAEEncode do."""
+    vae = video_models.build_wan_vae()
+    latent = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
+    positive = tiny_models.tiny_conditioning("wan21", 1)
+    inputs = dict(
+        model=tiny_models.build_tiny_model("wan21"), positive=positive,
+        negative=[[torch.zeros_like(positive[0][0]), {}]], vae=vae, latent={"samples": latent}, scale_factor=2.0,
+        stages=1, denoise=0.0, dwt_steps=2, wavelet="db4", sharpen=0.0, seed=0, steps=3, cfg=2.0,
+        sampler_name="euler", scheduler="normal", vae_tile_size=tile,
+    )  # fmt: skip
+    out = run_node(**inputs)
+    assert out.shape == (1, 16, 2, 16, 16)
+    if not tile:  # tiles change the numbers (a random VAE has no reason to tile seamlessly), not the layout
+        frames = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+        frames = frames.reshape(-1, *frames.shape[-3:])
+        assert frames.shape == (5, 64, 64, 3)
+        frames = nodes.ImageScale().upscale(frames, "bicubic", 128, 128, "disabled")[0]
+        expected = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    sampled = run_node(**{**inputs, "denoise": 0.5, "sharpen": 1.0})
+    assert sampled.shape == out.shape and torch.isfinite(sampled).all() and (sampled - out).abs().max() > 1e-3
 
 
 def test_tiled_vae_option_uses_the_tiled_paths(monkeypatch):

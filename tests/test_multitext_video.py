@@ -404,8 +404,10 @@ def test_prompt_sequence_from_text_and_conditioning_inputs(tiny):
     assert out["samples"].shape == (1, 16, 5, 8, 8)
 
 
-def test_exact_model_through_the_node_reproduces_the_last_frame_and_joins_smoothly(tiny):
-    model = video_models.build_video_model("flow")
+@pytest.mark.parametrize("flavour", ["flow", "eps"])
+def test_exact_model_through_the_node_reproduces_the_last_frame_and_joins_smoothly(tiny, flavour):
+    """Flow and EPS (VE noise scaling, process_latent_in, inversion up to sigma_max) through ComfyUI's sampler."""
+    model = video_models.build_video_model(flavour)
     means = prompt_means(2, video_models.CHANNELS, seed=1, scale=0.5)
     zero = video_conditioning(torch.zeros(video_models.CHANNELS))
     latent = {"samples": torch.zeros(1, video_models.CHANNELS, 6, 4, 4)}
