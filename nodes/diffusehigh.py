@@ -243,7 +243,9 @@ class DiffuseHigh(io.ComfyNode):
                     max=10000,
                     tooltip="Steps per stage (the steps actually run at this denoise).",
                 ),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."),
+                io.Float.Input(
+                    "cfg", default=10.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale (the paper's 10)."
+                ),
                 io.Combo.Input(
                     "sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="Sampler per stage."
                 ),

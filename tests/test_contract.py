@@ -30,7 +30,8 @@ CONTRACT = {
     "TL_VendiScore": ({"images": REQUIRED}, ["features"], ["FLOAT"]),
     "TL_DiffuseHigh": ({"model": REQUIRED, "positive": REQUIRED, "negative": REQUIRED, "vae": REQUIRED,
                         "latent": REQUIRED, "scale_factor": 2.0, "stages": 1, "denoise": 0.3, "dwt_steps": 5,
-                        "wavelet": REQUIRED, "sharpen": 1.0, "seed": REQUIRED, "steps": REQUIRED, "cfg": REQUIRED,
+                        "wavelet": REQUIRED, "sharpen": 1.0, "seed": REQUIRED, "steps": REQUIRED,
+                        "cfg": 10.0,  # ALGORITHMS.md §6 and the official code
                         "sampler_name": REQUIRED, "scheduler": REQUIRED}, [], ["LATENT"]),
     # clip is optional so that a sequence of conditioning inputs alone needs no CLIP; stored links still connect.
     "TL_PromptSequence": ({"text": REQUIRED}, ["clip"], ["TL_PROMPT_SEQUENCE"]),
