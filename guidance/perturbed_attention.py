@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 from torch import Tensor
 
-# ComfyUI labels batch chunks 0 (cond) and 1 (uncond) by their index in the conds list; the perturbed
-# conditional chunk is appended third, so its label is 2 in transformer_options["cond_or_uncond"].
-PERTURBED_LABEL = 2
-
 UNET_BLOCKS = {"d": "input", "m": "middle", "u": "output"}
+UNET_LETTERS = {name: letter for letter, name in UNET_BLOCKS.items()}
 
 
 @dataclass(frozen=True)
 class UNetLayer:
-    """One UNet transformer stack: ComfyUI block name, block number, and transformer indices (None = all)."""
+    """One UNet transformer stack: block name, block number, and transformer indices (None = all).
+
+    As parsed, `number` counts only the blocks of that stack that hold attention (sd-perturbed-attention's
+    convention: `d2` on SDXL is its third input block with attention); `comfy_unet_layers` turns it into
+    ComfyUI's own block number (SDXL `d2` -> input block 7), the key of ComfyUI's attn1 patches.
+    """
 
     block: str
     number: int
@@ -58,7 +61,8 @@ def _tokens(spec: str) -> list[str]:
 
 def parse_unet_layers(spec: str) -> list[UNetLayer]:
     """Parse a UNet layer list: `m0` (middle block), `u0.4` (output block 0, transformer 4),
-    `d2.2-9` (input block 2, transformers 2..9), `d1-2` (input blocks 1 and 2); comma or space separated."""
+    `d2.2-9` (input block 2, transformers 2..9), `d1-2` (input blocks 1 and 2); comma or space separated.
+    Block numbers count only the blocks with attention (see UNetLayer)."""
     layers = []
     for token in _tokens(spec):
         m = _UNET_TOKEN.match(token)
@@ -70,6 +74,47 @@ def parse_unet_layers(spec: str) -> list[UNetLayer]:
         indices = _int_range(m.group(3), "layers") if m.group(3) else None
         layers += [UNetLayer(UNET_BLOCKS[m.group(1)], n, indices) for n in _int_range(m.group(2), "layers")]
     return layers
+
+
+def describe_unet_blocks(depths: dict[tuple[str, int], int]) -> str:
+    """The valid UNet layers in the spec's indexing with their transformer depths, runs of equal depth merged,
+    e.g. for SDXL 'd0-1 (depth 2), d2-3 (depth 10), m0 (depth 10), u0-2 (depth 10), u3-5 (depth 2)'."""
+    parts = []
+    for block, letter in UNET_LETTERS.items():
+        stack = [depth for (name, _), depth in sorted(depths.items()) if name == block]
+        index = 0
+        for depth, run in groupby(stack):
+            n = len(list(run))
+            parts.append(f"{letter}{index}{f'-{index + n - 1}' if n > 1 else ''} (depth {depth})")
+            index += n
+    return ", ".join(parts)
+
+
+def comfy_unet_layers(layers: list[UNetLayer], depths: dict[tuple[str, int], int]) -> list[UNetLayer]:
+    """Map parsed layers (block numbers counting only blocks with attention) to ComfyUI block numbers.
+
+    depths: transformer depth of every ComfyUI block that holds attention, keyed (block name, ComfyUI number).
+    A block or transformer index that does not exist is a ValueError listing the valid layers.
+    """
+    valid = describe_unet_blocks(depths)
+    out = []
+    for layer in layers:
+        numbers = sorted(n for name, n in depths if name == layer.block)
+        letter = UNET_LETTERS[layer.block]
+        if layer.number >= len(numbers):
+            raise ValueError(
+                f"layers: there is no {letter}{layer.number}: this UNet has {len(numbers)} {layer.block} blocks with "
+                f"self-attention (numbered from 0, blocks without attention are not counted); valid: {valid}"
+            )
+        number = numbers[layer.number]
+        depth = depths[(layer.block, number)]
+        if layer.transformer_indices and max(layer.transformer_indices) >= depth:
+            raise ValueError(
+                f"layers: {letter}{layer.number} has transformer indices 0..{depth - 1}, not "
+                f"{max(layer.transformer_indices)}; valid: {valid}"
+            )
+        out.append(UNetLayer(layer.block, number, layer.transformer_indices))
+    return out
 
 
 def parse_dit_layers(spec: str) -> list[DiTLayer]:
@@ -88,7 +133,8 @@ def parse_dit_layers(spec: str) -> list[DiTLayer]:
 
 
 def adaptive_scale(scale: float, adaptive: float, timestep_1000: float) -> float:
-    """Diffusers' adaptive PAG scale s_t = max(0, s - a * (1000 - t)), t on a 0..1000 noise scale."""
+    """Diffusers' adaptive PAG scale s_t = max(0, s - a * (1000 - t)), t the model timestep on diffusers' 0..1000
+    scale (the raw timestep of a 1000-step discrete schedule; 1000 sigma for flow models)."""
     return max(0.0, scale - adaptive * (1000.0 - timestep_1000))
 
 
@@ -113,30 +159,52 @@ def pag_guided(
     return x - s * guidance_rescale(eps_guided, eps_cond, rescale)
 
 
-def perturbed_row_mask(labels: list[int], batch: int, device=None) -> Tensor:
-    """Which rows of a model batch belong to the perturbed chunk (chunks are equal, in label order)."""
+def perturbed_row_mask(labels: list[int], batch: int, perturbed_label: int | None, device=None) -> Tensor:
+    """Which rows of a model batch belong to the perturbed chunk. ComfyUI labels each chunk of a batch by its
+    index in the conds list (transformer_options["cond_or_uncond"]); chunks are equal, in label order."""
     if not labels or batch % len(labels):
         raise ValueError(f"cannot split a batch of {batch} into {len(labels)} chunks")
-    per_chunk = batch // len(labels)
-    flags = torch.tensor([label == PERTURBED_LABEL for label in labels], device=device)
-    return flags.repeat_interleave(per_chunk)
+    flags = torch.tensor([label == perturbed_label for label in labels], device=device)
+    return flags.repeat_interleave(batch // len(labels))
 
 
-def identity_attention(q: Tensor, k: Tensor, v: Tensor, text_tokens: int = 0) -> Tensor:
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """An attention mask as ComfyUI's attention takes it ([L, L], [B, L, L] or [B, H, L, L]; boolean = keep, or an
+    additive bias) as an additive bias of shape [B or 1, H or 1, L, L]."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    if mask.ndim == 2:  # the same axes ComfyUI's attention_pytorch adds
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return mask.to(dtype)
+
+
+def identity_attention(q: Tensor, k: Tensor, v: Tensor, text_tokens: int = 0, mask: Tensor | None = None) -> Tensor:
     """Attention with the image-to-image map replaced by the identity. q, k, v: [B, heads, L, D], text first.
 
-    text_tokens = 0: the output is v. Otherwise image query i attends to {text keys, key i} only, and text
-    queries attend to all keys as usual.
+    text_tokens = 0: the output is v (each query attends to its own key only; a mask cannot change a softmax
+    over one key). Otherwise image query i attends to {text keys, key i} only, and text queries attend to all
+    keys as usual; the optional attention mask (see `additive_mask`) biases exactly those logits.
     """
     if text_tokens == 0:
         return v
     scale = q.shape[-1] ** -0.5
+    bias = additive_mask(mask, torch.promote_types(q.dtype, torch.float32))
     q_txt, q_img = q[:, :, :text_tokens], q[:, :, text_tokens:]
     k_txt, k_img = k[:, :, :text_tokens], k[:, :, text_tokens:]
     v_txt, v_img = v[:, :, :text_tokens], v[:, :, text_tokens:]
-    out_txt = torch.softmax((q_txt @ k.transpose(-1, -2)) * scale, dim=-1) @ v
-    logits = torch.cat([q_img @ k_txt.transpose(-1, -2), (q_img * k_img).sum(-1, keepdim=True)], dim=-1) * scale
-    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+    txt_logits = (q_txt @ k.transpose(-1, -2)) * scale
+    img_logits = torch.cat([q_img @ k_txt.transpose(-1, -2), (q_img * k_img).sum(-1, keepdim=True)], dim=-1) * scale
+    if bias is not None:
+        txt_logits = txt_logits + bias[..., :text_tokens, :]
+        img_bias = bias[..., text_tokens:, :text_tokens], bias[..., text_tokens:, text_tokens:].diagonal(0, -2, -1)
+        img_logits = img_logits + torch.cat([img_bias[0], img_bias[1].unsqueeze(-1)], dim=-1)
+    softmax_dtype = torch.promote_types(img_logits.dtype, torch.float32)
+    out_txt = torch.softmax(txt_logits, dim=-1, dtype=softmax_dtype).to(v.dtype) @ v
+    weights = torch.softmax(img_logits, dim=-1, dtype=softmax_dtype).to(v.dtype)
     out_img = weights[..., :text_tokens] @ v_txt + weights[..., text_tokens:] * v_img
     return torch.cat([out_txt, out_img], dim=2)
 

@@ -111,8 +111,9 @@ def _real_workflows() -> list[Workflow]:
     pag_sd3 = Workflow(
         "pag_sd3",
         "**Perturbed-Attention Guidance on a DiT (SD3.5 Medium).** On MMDiT, Flux and Wan the perturbed pass "
-        "replaces the image-token self-attention of the chosen blocks (`layers`: auto picks the middle blocks) "
-        "by the identity. Put the SD3.5 Medium checkpoint that includes its text encoders in models/checkpoints.",
+        "replaces the image-token self-attention of the chosen blocks (`layers`: auto picks block 1, diffusers' SD3 "
+        "default) by the identity. Put the SD3.5 Medium checkpoint that includes its text encoders in "
+        "models/checkpoints.",
         [
             N(1, "CheckpointLoaderSimple", {"ckpt_name": sd35}),
             N(2, "TL_PerturbedAttention", {"scale": 2.0}, {"model": (1, 0)}),

@@ -1,11 +1,16 @@
 """TL_PerturbedAttention in the real host, on tiny real UNets and DiTs, against independent references."""
 
 import math
+import re
 
+import comfy.ldm.modules.attention
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
+import comfy.supported_models
+import comfy_extras.nodes_custom_sampler as custom_sampler
+import comfy_extras.nodes_perpneg as perpneg
 import pytest
 import tiny_models
 import torch
@@ -36,13 +41,23 @@ def test_layer_specs_parse():
         core.parse_dit_layers("m0")
 
 
-def masked_identity_reference(q, k, v, text_tokens):
-    """Full attention with an additive mask: image-to-image block -inf except its diagonal (diffusers' joint PAG)."""
+def masked_identity_reference(q, k, v, text_tokens, user_mask=None):
+    """Full attention with an additive mask: image-to-image block -inf except its diagonal (diffusers' joint PAG),
+    plus the model's own attention mask where there is one ([B, L, L] additive bias, as Flux passes it)."""
     n = q.shape[2]
     mask = torch.zeros(n, n, dtype=q.dtype)
     img = torch.full((n - text_tokens, n - text_tokens), float("-inf"), dtype=q.dtype).fill_diagonal_(0.0)
     mask[text_tokens:, text_tokens:] = img
+    if user_mask is not None:
+        mask = mask + user_mask.to(q.dtype).unsqueeze(1)  # [B, 1, L, L]: one bias for every head
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def random_attention_bias(batch, n, text_tokens, seed=0):
+    """An additive attention bias [B, L, L] that hides text tokens 0-2 from every image query."""
+    bias = 2 * torch.randn(batch, n, n, generator=torch.Generator().manual_seed(seed))
+    bias[:, text_tokens:, :3] = float("-inf")
+    return bias
 
 
 @pytest.mark.parametrize("text_tokens", [0, 1, 5])
@@ -51,6 +66,26 @@ def test_identity_attention_matches_the_masked_reference(text_tokens):
     q, k, v = (torch.randn(2, 3, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
     got = core.identity_attention(q, k, v, text_tokens)
     torch.testing.assert_close(got, masked_identity_reference(q, k, v, text_tokens), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["bias [B, L, L]", "bias [L, L]", "boolean [B, L, L]"])
+def test_identity_attention_honours_an_attention_mask(form):
+    text_tokens, n = 5, 12
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = random_attention_bias(2, n, text_tokens).double()
+    if form == "bias [L, L]":
+        bias = bias[:1].expand(2, n, n)
+        mask = bias[0]
+    elif form.startswith("boolean"):
+        keep = torch.rand(2, n, n, generator=g) > 0.3
+        keep[:, :, 3] = True  # every query keeps one key: no row is fully masked
+        keep[:, text_tokens:, :3] = False
+        mask, bias = keep, torch.zeros(2, n, n, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    else:
+        mask = bias
+    got = core.identity_attention(q, k, v, text_tokens, mask)
+    torch.testing.assert_close(got, masked_identity_reference(q, k, v, text_tokens, bias), rtol=1e-10, atol=1e-10)
 
 
 def test_adaptive_scale_and_rescale():
@@ -68,7 +103,8 @@ def test_adaptive_scale_and_rescale():
 
 
 def zero_conditioning(cond):
-    return [[torch.zeros_like(c), {k: torch.zeros_like(v) for k, v in extra.items()}] for c, extra in cond]
+    zero = lambda v: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return [[torch.zeros_like(c), {k: zero(v) for k, v in extra.items()}] for c, extra in cond]
 
 
 def sample(model, arch, steps=4, cfg=2.0, seed=0, batch=1, positive=None, negative=None, sampler="euler"):
@@ -89,6 +125,27 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def middle_block_returns_v(model):
+    """An independent perturbation of the SD1.5 'auto' layer: a plain attn1 replace on the middle block returning V."""
+    hooked = model.clone()
+    hooked.set_model_attn1_replace(lambda q, k, v, extra: v, "middle", 0)
+    return hooked
+
+
+def first_step_input(model, arch, **kwargs):
+    """x and sigma of the first model evaluation, read by a post-CFG function on a plain clone."""
+    seen = []
+
+    def record(args):
+        seen.append((args["input"], args["sigma"]))
+        return args["denoised"]
+
+    spy = model.clone()
+    spy.set_model_sampler_post_cfg_function(record)
+    sample(spy, arch, steps=1, cfg=1.0, **kwargs)
+    return seen[0]
+
+
 # ---------------------------------------------------------------- behaviour on every architecture
 
 
@@ -101,7 +158,7 @@ def test_scale_zero_is_bit_identical_and_scale_changes_output(arch):
 
 
 @pytest.mark.parametrize("arch,layers", [(a, "auto") for a in TINY_ARCHS] + [("flux", "single0, double0"),
-                                                                          ("sdxl", "d3.1, u0")])  # fmt: skip
+                                                                          ("sdxl", "d0.1, u0")])  # fmt: skip
 def test_batched_equals_unbatched_with_one_call_per_step(arch, layers):
     model = tiny_models.build_tiny_model(arch)
     batched, batched_calls = count_calls(with_pag(model, layers=layers, batched=True))
@@ -119,8 +176,7 @@ def test_sd15_matches_a_hand_computed_reference_at_one_step():
     model = tiny_models.build_tiny_model(arch)
     positive = tiny_models.tiny_conditioning(arch, 1)
     negative = tiny_models.tiny_conditioning(arch, 2)
-    hooked = model.clone()
-    hooked.set_model_attn1_replace(lambda q, k, v, extra: v, "middle", 0)
+    hooked = middle_block_returns_v(model)
     d_cond = sample(model, arch, steps=1, cfg=1.0, positive=positive, negative=negative)
     d_uncond = sample(model, arch, steps=1, cfg=1.0, positive=negative, negative=negative)
     d_pert = sample(hooked, arch, steps=1, cfg=1.0, positive=positive, negative=negative)
@@ -157,6 +213,44 @@ def test_flux_matches_a_hand_computed_joint_reference_at_one_step():
     assert rel_err(got, d_cond + s * (d_cond - d_pert)) < 1e-5
 
 
+@pytest.mark.parametrize("layers", ["double1, single0", "single1", "double0-1, single0-1"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "attention mask"])
+def test_flux_single_blocks_match_a_hand_computed_joint_reference(layers, masked):
+    """Single blocks see [txt, img] in one sequence: the text rows must stay unperturbed there too, whichever double
+    blocks are selected, and Flux's attention mask (here a [B, L, L] bias, as Redux's attn_bias builds) applies to
+    the perturbed rows as to the others. Reference: masked SDPA on the blocks Flux itself names in
+    transformer_options (block_type, block_index), no PAG code involved."""
+    arch, s = "flux", 2.0
+    model = tiny_models.build_tiny_model(arch)
+    positive = tiny_models.tiny_conditioning(arch, 1)
+    text_tokens = positive[0][0].shape[1]
+    h, w = (n // 2 for n in tiny_models.latent_shape(arch)[2:])  # Flux patches 2x2
+    if masked:
+        bias = random_attention_bias(1, text_tokens + h * w, text_tokens)
+        positive = [[positive[0][0], {**positive[0][1], "attention_mask": bias, "attention_mask_img_shape": (h, w)}]]
+    chosen = {(kind, i) for kind, i in ((la.kind.split("_")[0], la.index) for la in core.parse_dit_layers(layers))}
+
+    def override(func, q, k, v, heads, **kwargs):
+        opts = kwargs["transformer_options"]
+        if (opts.get("block_type"), opts.get("block_index")) in chosen:
+            out = masked_identity_reference(q, k, v, text_tokens, kwargs.get("mask"))  # q, k, v: [B, H, L, D]
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        return func(q, k, v, heads, **kwargs)
+
+    hooked = model.clone()
+    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
+                                                   "optimized_attention_override": override}  # fmt: skip
+    d_cond = sample(model, arch, steps=1, cfg=1.0, positive=positive)
+    d_pert = sample(hooked, arch, steps=1, cfg=1.0, positive=positive)
+    if masked:  # the mask reaches the model and matters
+        unmasked = tiny_models.tiny_conditioning(arch, 1)
+        assert rel_err(d_cond, sample(model, arch, steps=1, cfg=1.0, positive=unmasked)) > 1e-3
+    for batched in (True, False):
+        got = sample(with_pag(model, scale=s, layers=layers, batched=batched), arch, steps=1, cfg=1.0,
+                     positive=positive)  # fmt: skip
+        assert rel_err(got, d_cond + s * (d_cond - d_pert)) < 1e-5
+
+
 def test_window_runs_the_perturbed_pass_exactly_inside_it():
     arch, steps, start, end = "sd15", 10, 0.3, 0.6
     model = tiny_models.build_tiny_model(arch)
@@ -176,8 +270,18 @@ def test_window_runs_the_perturbed_pass_exactly_inside_it():
     assert torch.equal(sample(outside, arch, steps=steps), sample(model, arch, steps=steps))
 
 
-def test_adaptive_scale_applies_the_formula_per_step(monkeypatch):
-    arch, s, a = "sd15", 3.0, 0.004
+def diffusers_timestep(arch, ms, sigma):
+    """The timestep diffusers' PAG pipelines feed the adaptive scale, from sigma, written out: SD1.x/SDXL use the
+    integer DDPM timestep whose sigma (the model's own 1000-entry table) is nearest in log sigma; flow models
+    (Flux) use 1000 sigma."""
+    if arch == "flux":
+        return 1000.0 * sigma
+    return float((ms.sigmas.double().log() - math.log(sigma)).abs().argmin())
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_adaptive_scale_applies_the_formula_per_step(monkeypatch, arch):
+    s, a = 3.0, 0.004
     model = tiny_models.build_tiny_model(arch)
     ms = model.get_model_object("model_sampling")
     used = []
@@ -189,10 +293,9 @@ def test_adaptive_scale_applies_the_formula_per_step(monkeypatch):
 
     monkeypatch.setattr(pag, "pag_guided", spy)
     sample(with_pag(model, scale=s, adaptive=a), arch, steps=8)
-    t_max = float(ms.timestep(ms.sigma_max.reshape(1)))
+    assert len(used) == 8
     for sigma, scale in used:
-        t = float(ms.timestep(torch.tensor([sigma]))) * 1000.0 / t_max
-        assert scale == pytest.approx(max(0.0, s - a * (1000.0 - t)))
+        assert scale == pytest.approx(max(0.0, s - a * (1000.0 - diffusers_timestep(arch, ms, sigma))), abs=1e-9)
     assert used[0][1] > 2.9 and used[-1][1] == 0.0  # full at high noise, off near the end
 
 
@@ -202,6 +305,33 @@ def test_rescale_moves_the_result_and_zero_is_off():
     base = sample(with_pag(model), arch)
     assert torch.equal(sample(with_pag(model, rescale=0.0), arch), base)
     assert rel_err(sample(with_pag(model, rescale=0.7), arch), base) > 1e-3
+
+
+@pytest.mark.parametrize("r", [0.7, 1.0])
+def test_rescale_matches_a_hand_computed_reference_at_one_step(r):
+    """Guidance rescale as diffusers' PAG does it (rescale_noise_cfg on the noise prediction): the CFG + PAG noise
+    prediction eps is scaled to the per-sample std of the conditional one, eps_c, and blended with weight r:
+    eps' = r * eps * std(eps_c) / std(eps) + (1 - r) * eps. Predictions from plain calls and an independent hook."""
+    arch, cfg, s, batch = "sd15", 2.5, 3.0, 2
+    model = tiny_models.build_tiny_model(arch)
+    pos, neg = tiny_models.tiny_conditioning(arch, 1), tiny_models.tiny_conditioning(arch, 2)
+    run = dict(steps=1, batch=batch, negative=neg)
+
+    def denoised(m, **kwargs):  # sampling returns the latent scaled for the VAE: back to the model's space
+        return model.model.process_latent_in(sample(m, arch, **run, **kwargs))
+
+    d_cond = denoised(model, cfg=1.0, positive=pos)
+    d_uncond = denoised(model, cfg=1.0, positive=neg)
+    d_pert = denoised(middle_block_returns_v(model), cfg=1.0, positive=pos)
+    x, sigma = first_step_input(model, arch, positive=pos, batch=batch, negative=neg)
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    d_guided = d_uncond + cfg * (d_cond - d_uncond) + s * (d_cond - d_pert)
+    eps, eps_cond = (x - d_guided) / sigma, (x - d_cond) / sigma
+    ratio = eps_cond.std(dim=(1, 2, 3), keepdim=True) / eps.std(dim=(1, 2, 3), keepdim=True)
+    assert (ratio - ratio.mean()).abs().max() > 1e-3  # the two samples are rescaled differently
+    expected = x - sigma * (r * eps * ratio + (1 - r) * eps)
+    got = denoised(with_pag(model, scale=s, rescale=r), cfg=cfg, positive=pos)
+    assert rel_err(got, expected) < 1e-5 and rel_err(got, d_guided) > 1e-3
 
 
 # ---------------------------------------------------------------- composition
@@ -279,12 +409,160 @@ def test_input_model_is_not_mutated_and_reapplying_replaces():
     assert torch.equal(sample(twice, arch), sample(once, arch))
 
 
+def attn1_replaces(model):
+    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+
+
+def test_reapplying_with_other_layers_replaces_the_earlier_layers():
+    sd15 = tiny_models.build_tiny_model("sd15")
+    assert torch.equal(sample(with_pag(with_pag(sd15, layers="m0"), layers="u0"), "sd15"),
+                       sample(with_pag(sd15, layers="u0"), "sd15"))  # fmt: skip
+    assert set(attn1_replaces(with_pag(with_pag(sd15, layers="m0, d1"), layers="u0"))) == {("output", 0)}
+    assert (
+        "patches_replace" not in with_pag(with_pag(sd15, layers="m0"), scale=0.0).model_options["transformer_options"]
+    )
+    flux = tiny_models.build_tiny_model("flux")
+    assert torch.equal(sample(with_pag(with_pag(flux, layers="double0, single1"), layers="double1"), "flux"),
+                       sample(with_pag(flux, layers="double1"), "flux"))  # fmt: skip
+    # Another pack's attn1 replace on the middle block, which our earlier patch chained to, is put back.
+    other = sd15.clone()
+
+    def other_attention(q, k, v, extra):
+        return comfy.ldm.modules.attention.optimized_attention(1.5 * q, k, v, extra["n_heads"])
+
+    other.set_model_attn1_replace(other_attention, "middle", 0)
+    again = with_pag(with_pag(other, layers="m0"), layers="u0")
+    assert attn1_replaces(again)[("middle", 0)] is other_attention
+    assert torch.equal(sample(again, "sd15"), sample(with_pag(other, layers="u0"), "sd15"))
+    assert rel_err(sample(again, "sd15"), sample(with_pag(sd15, layers="u0"), "sd15")) > 1e-3
+
+
+# ---------------------------------------------------------------- other guiders
+
+
+def one_step_with_guider(guider, arch="sd15"):
+    """One Euler step to sigma 0 (returns D itself), with the same noise and sigmas as `sample(steps=1)`."""
+    latent = torch.zeros(tiny_models.latent_shape(arch))
+    ms = guider.model_patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 1)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sampler = comfy.samplers.sampler_object("euler")
+    return guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True).cpu()
+
+
+GUIDERS = {
+    "DualCFG regular": lambda m, c1, c2, n: custom_sampler.DualCFGGuider.execute(m, c1, c2, n, 2.0, 1.5, "regular"),
+    "DualCFG nested": lambda m, c1, c2, n: custom_sampler.DualCFGGuider.execute(m, c1, c2, n, 2.0, 1.5, "nested"),
+    "PerpNeg": lambda m, c1, c2, n: perpneg.PerpNegGuider.execute(m, c1, c2, n, 2.0, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(GUIDERS))
+def test_guiders_with_their_own_combination_get_pag_on_their_positive(name):
+    """DualCFGGuider and PerpNegGuider combine their predictions themselves: the result must be that guider's own
+    result on the plain model + s (D_positive - D_pert), the first (positive) conditioning perturbed, with the
+    perturbed pass in the same call as the guider's own conds (batched) or in one more call."""
+    arch, s = "sd15", 3.0
+    model = tiny_models.build_tiny_model(arch)
+    cond1, cond2, negative = (tiny_models.tiny_conditioning(arch, seed) for seed in (1, 2, 3))
+
+    def guided(m):
+        return one_step_with_guider(GUIDERS[name](m, cond1, cond2, negative).result[0])
+
+    d_pos = sample(model, arch, steps=1, cfg=1.0, positive=cond1)
+    d_pert = sample(middle_block_returns_v(model), arch, steps=1, cfg=1.0, positive=cond1)
+    expected = guided(model) + s * (d_pos - d_pert)
+    for batched, calls in ((True, [4]), (False, [3, 1])):
+        m, log = count_calls(with_pag(model, scale=s, batched=batched))
+        assert rel_err(guided(m), expected) < 1e-5
+        assert log == calls  # three conds of batch 1, plus the perturbed one
+
+
+def test_a_guider_without_a_positive_conditioning_is_an_error():
+    class NoPositive(comfy.samplers.CFGGuider):
+        def set_conds(self, first):
+            self.inner_set_conds({"first": first})
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["first"]], x, timestep,
+                                                  model_options)[0]  # fmt: skip
+
+    guider = NoPositive(with_pag(tiny_models.build_tiny_model("sd15")))
+    guider.set_conds(tiny_models.tiny_conditioning("sd15", 1))
+    with pytest.raises(ValueError, match="NoPositive has no 'positive' conditioning"):
+        one_step_with_guider(guider)
+
+
+# ---------------------------------------------------------------- UNet layer indexing
+
+
+def meta_unet(unet_config, config_class):
+    """A real-size UNet ModelPatcher on the meta device (no memory, no weights): its block layout only."""
+    model = getattr(comfy.supported_models, config_class)(dict(unet_config)).get_model({}, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+# ComfyUI's own full-size configs (comfy/model_detection.py, unet_config_from_diffusers_unet).
+_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+SDXL_CONFIG = {
+    **_UNET,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+}
+SD15_CONFIG = {**_UNET, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+               "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}  # fmt: skip
+
+
+@pytest.mark.parametrize("config,config_class,spec,expected", [
+    # sd-perturbed-attention's README example on SDXL: its third input block with attention is ComfyUI's input 7.
+    (SDXL_CONFIG, "SDXL", "d2.2-9", {("input", 7, t) for t in range(2, 10)}),
+    (SDXL_CONFIG, "SDXL", "d0, d3.9, m0.0, u0, u5", {("input", 4), ("input", 8, 9), ("middle", 0, 0), ("output", 0),
+                                                     ("output", 5)}),
+    (SDXL_CONFIG, "SDXL", "auto", {("middle", 0)}),
+    (SD15_CONFIG, "SD15", "d0, d5, u0, u8", {("input", 1), ("input", 8), ("output", 3), ("output", 11)}),
+])  # fmt: skip
+def test_unet_blocks_count_only_blocks_with_attention(config, config_class, spec, expected):
+    assert set(attn1_replaces(with_pag(meta_unet(config, config_class), layers=spec))) == expected
+
+
+def test_unet_layer_errors_list_the_valid_layers_in_the_same_indexing():
+    sdxl = meta_unet(SDXL_CONFIG, "SDXL")
+    valid = "valid: d0-1 (depth 2), d2-3 (depth 10), m0 (depth 10), u0-2 (depth 10), u3-5 (depth 2)"
+    with pytest.raises(ValueError, match=re.escape("there is no d4: this UNet has 4 input blocks") + ".*" +
+                       re.escape(valid)):  # fmt: skip
+        with_pag(sdxl, layers="d4")
+    with pytest.raises(ValueError, match=re.escape("d1 has transformer indices 0..1, not 2; " + valid)):
+        with_pag(sdxl, layers="d1.2")
+    with pytest.raises(ValueError, match=re.escape("there is no u6")):
+        with_pag(sdxl, layers="u6")
+
+
 # ---------------------------------------------------------------- errors
 
 
 def test_clear_errors():
     sd15 = tiny_models.build_tiny_model("sd15")
-    with pytest.raises(ValueError, match="has no self-attention.*blocks with attention: d1"):
+    with pytest.raises(ValueError, match=r"no u9: .*valid: d0-1 \(depth 1\), m0 \(depth 1\), u0-3 \(depth 1\)"):
         with_pag(sd15, layers="u9")
     with pytest.raises(ValueError, match="transformer indices 0..0"):
         with_pag(sd15, layers="m0.3")
