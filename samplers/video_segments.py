@@ -12,8 +12,8 @@ previous segment's last frame:
 2. Dynamic Noise: the inverted noise of frame t is mixed with fresh noise, c_t eps_t + sqrt(1 - c_t^2) xi_t,
    c_0 = 1 (the boundary frame keeps its inversion), c_t = a_t / sqrt(1 + a_t^2) with a = exp(-linspace(0, 10,
    T - 1)): later frames get more fresh noise and so more motion. Variance-preserving (the official draws xi with
-   std 1 / (1 + a^2), which shrinks the variance: 0.75 on frame 1), and applied once to the final noise rather than at every
-   inversion step: at the top of the schedule the noise is what the sampler starts from.
+   std 1 / (1 + a^2), which shrinks the variance: 0.75 on frame 1), and applied once to the final noise rather
+   than at every inversion step: at the top of the schedule the noise is what the sampler starts from.
 3. Structure-guiding sampling: at every step the predicted x0 is smoothed in time: frame 0, which duplicates the
    previous last frame, follows that frame's x0 at the same step; frames 1.. are pulled toward their predecessor,
    most strongly at the join (guidance.temporal.guide_structure, a closed-form proximal step with the official
