@@ -6,7 +6,10 @@ distilled from; a refiner is refused for any other model.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,7 +30,9 @@ from ..samplers.conventions import ode_derivative
 from ..samplers.flowturbo import REFINER_UPDATES, make_plan, sample_flowturbo
 from ..samplers.velocity_refiner import (
     TrainingConfig,
+    TrainingState,
     VelocityRefinerNet,
+    generate_samples,
     new_refiner,
     tile_rows,
     train_velocity_refiner,
@@ -61,32 +66,55 @@ class BaseModelInfo:
 
 @dataclass
 class VelocityRefiner:
-    net: VelocityRefinerNet  # the EMA weights, used for sampling
+    net: VelocityRefinerNet  # the EMA weights, used for sampling; on CPU as loaded or trained (never moved)
     base: BaseModelInfo
     metadata: dict = field(default_factory=dict)
     compile_backend: str = "inductor"  # torch.compile backend for compile_refiner (tests use a fast one on CPU)
-    _compiled: Any = None
+    training_cfg: float | None = None  # CFG scale of the training samples; None: not recorded (older files)
+    # Per sampling device: a copy of net there, and its compiled form. A node's output is shared by every graph
+    # that uses it, so net itself is not moved; a refiner is small enough to keep one copy per device.
+    _placed: dict = field(default_factory=dict, repr=False)
+    _compiled: dict = field(default_factory=dict, repr=False)
 
     def check_model(self, base_model) -> None:
         info = BaseModelInfo.of(base_model)
         if info != self.base:
             raise ValueError(f"refiner: trained for {self.base.describe()}, but the sampled model is {info.describe()}")
 
+    def check_cfg(self, cfg: float | None) -> None:
+        """Warn when sampling at another CFG scale than the training samples had (the corrections are learnt for
+        the guided velocity at that scale). cfg None: the guider does not say."""
+        if cfg is not None and self.training_cfg is not None and not math.isclose(cfg, self.training_cfg):
+            logging.warning(
+                "TL_FlowTurboSampler: the refiner was trained at cfg %g but this run samples at cfg %g; its "
+                "corrections fit the training cfg (train it with cfg %g for this run)", self.training_cfg, cfg, cfg
+            )  # fmt: skip
+
+    def net_on(self, device: torch.device) -> VelocityRefinerNet:
+        """The network on the sampling device. It computes in float32 whatever the latents' dtype (forward casts
+        its inputs and casts the result back), so only the device has to match."""
+        device = torch.device(device)
+        if device == next(self.net.parameters()).device:
+            return self.net
+        if device not in self._placed:
+            self._placed[device] = copy.deepcopy(self.net).to(device)
+        return self._placed[device]
+
     def function(self, compile_: bool, pooled: torch.Tensor | None = None):
-        """r(x, sigma, v) for the sampler; pooled [P, D]: the positive prompt's pooled conditioning (used, and then
-        required, only by refiners trained with one)."""
+        """r(x, sigma, v) for the sampler, run on x's device; pooled [P, D]: the positive prompt's pooled
+        conditioning (used, and then required, only by refiners trained with one)."""
         pooled_dim = self.net.pooled_dim
         if pooled_dim and (pooled is None or pooled.shape[-1] != pooled_dim):
             got = "none" if pooled is None else f"{pooled.shape[-1]} features"
             raise ValueError(f"refiner: trained with a {pooled_dim}-feature pooled conditioning (pooled_output), but "
                              f"the positive conditioning has {got}")  # fmt: skip
-        fn: Any = self.net
-        if compile_:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.net, backend=self.compile_backend)
-            fn = self._compiled
 
         def refine(x, sigma, v):
+            fn: Any = self.net_on(x.device)
+            if compile_:
+                if x.device not in self._compiled:
+                    self._compiled[x.device] = torch.compile(fn, backend=self.compile_backend)
+                fn = self._compiled[x.device]
             rows = tile_rows(pooled, x.shape[0]).to(x.device) if pooled_dim else None
             with torch.no_grad():
                 return fn(x, sigma, v, rows).to(v.dtype)
@@ -101,8 +129,10 @@ def refiner_path(name: str) -> str:
     return os.path.join(folder, name if name.endswith(".safetensors") else name + ".safetensors")
 
 
-def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iteration: int) -> None:
-    """Both weight sets (training resumes from net; sampling uses ema), written to a temporary file first."""
+def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iteration: int,
+                 state: TrainingState | None = None, settings: dict | None = None) -> None:  # fmt: skip
+    """Both weight sets (training resumes from net; sampling uses ema), the optimizer and random stream (state: an
+    exact resume) and the training settings (metadata, as strings), written to a temporary file first."""
     tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()}
     metadata = {
@@ -110,6 +140,11 @@ def save_refiner(path: str, net, ema, base: BaseModelInfo, latent_shape, iterati
         "flow": str(base.flow), "latent_shape": json.dumps(list(latent_shape)), "hidden": str(net.hidden),
         "iteration": str(iteration), "pooled_dim": str(net.pooled_dim),
     }  # fmt: skip
+    metadata |= {k: str(v) for k, v in (settings or {}).items()}
+    if state is not None:
+        state_tensors, state_metadata = state.tensors()
+        tensors |= state_tensors
+        metadata |= state_metadata
     with atomic_destination(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
 
@@ -126,6 +161,32 @@ def load_refiner_file(path: str) -> tuple[VelocityRefinerNet, VelocityRefinerNet
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return net, ema, base, metadata
+
+
+def restore_training_state(path: str, state: TrainingState, learning_rate: float) -> bool:
+    """Load the optimizer and random stream saved in a refiner file into `state`; False for files saved without
+    them (before they were saved), which then resume with a fresh optimizer."""
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k == "rng_state" or k.startswith("optimizer.")}
+    return state.restore(tensors, metadata, learning_rate)
+
+
+def recorded_cfg(metadata: dict) -> float | None:
+    """The training cfg a refiner file records (None in files from before it was recorded)."""
+    return float(metadata["cfg"]) if "cfg" in metadata else None
+
+
+def guider_cfg(model_k) -> float | None:
+    """The CFG scale of a plain CFGGuider (SamplerCustom's cfg, CFGGuider, BasicGuider); None for a guider that
+    combines predictions its own way, whose cfg attribute may not be the scale it applies."""
+    guider = getattr(model_k, "inner_model", None)
+    if (
+        isinstance(guider, comfy.samplers.CFGGuider)
+        and type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise
+    ):
+        return float(guider.cfg)
+    return None
 
 
 def _base_model(model_k):
@@ -158,6 +219,7 @@ def flowturbo_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disab
         if refiner is None:
             raise ValueError(f"refiner: refine_steps = {refine_steps} needs a refiner (TL_LoadVelocityRefiner)")
         refiner.check_model(_base_model(model))
+        refiner.check_cfg(guider_cfg(model))
         refine = refiner.function(compile_refiner, positive_pooled(model))
     kwargs = extra_args or {}
 
@@ -227,7 +289,8 @@ class TrainVelocityRefiner(io.ComfyNode):
             category="trajectory_lab/sampling",
             description="Distils a FlowTurbo velocity refiner from MODEL with samples the model generates itself "
             "(no dataset). Saves models/velocity_refiners/<name>.safetensors; running again with the same name "
-            "resumes up to `iterations`. Cancel keeps the progress.",
+            "resumes up to `iterations`, exactly where it stopped (the file keeps the optimizer state). Cancel keeps "
+            "the progress.",
             inputs=[
                 io.Model.Input("model", tooltip="The flow model the refiner learns to imitate."),
                 io.Conditioning.Input("positive", tooltip="Prompt for the self-generated training samples."),
@@ -257,7 +320,8 @@ class TrainVelocityRefiner(io.ComfyNode):
                     max=100.0,
                     step=0.1,
                     optional=True,
-                    tooltip="The CFG scale the refiner will be used with.",
+                    tooltip="The CFG scale the refiner will be used with (recorded in the file; sampling at "
+                    "another cfg logs a warning).",
                 ),
                 io.Int.Input(
                     "steps",
@@ -275,7 +339,14 @@ class TrainVelocityRefiner(io.ComfyNode):
                     optional=True,
                     tooltip="How many samples the model generates for training.",
                 ),
-                io.Int.Input("batch_size", default=8, min=1, max=4096, optional=True, tooltip="Training batch size."),
+                io.Int.Input(
+                    "batch_size",
+                    default=8,
+                    min=1,
+                    max=4096,
+                    optional=True,
+                    tooltip="Training batch size; also the rows per model call when generating the samples.",
+                ),
                 io.Float.Input(
                     "learning_rate",
                     default=1e-4,
@@ -312,6 +383,9 @@ class TrainVelocityRefiner(io.ComfyNode):
         path = refiner_path(name)
         shape = tuple(latent["samples"].shape[1:])
         config = TrainingConfig(iterations, batch_size, learning_rate, ema_decay)
+        # Recorded in the file: cfg is checked when sampling; the rest says how the training data were made.
+        settings = {"cfg": cfg, "seed": seed, "sample_steps": steps, "samples": samples, "batch_size": batch_size,
+                    "learning_rate": learning_rate, "ema_decay": ema_decay}  # fmt: skip
         result: dict = {}
 
         def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -322,14 +396,19 @@ class TrainVelocityRefiner(io.ComfyNode):
             def velocity(x_, sigma):
                 return ode_derivative(x_, model_k(x_, sigma, **kwargs), sigma)
 
-            generator = torch.Generator().manual_seed(seed)
+            def honour_cancel(_rows):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
+            # All the noise in one draw, so the samples do not depend on the chunking; batch_size rows per model
+            # call, the batch the training itself runs the model at.
+            noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
             with torch.no_grad():
-                data = generate(velocity, sigmas, (samples, *shape), generator, x.device, x.dtype)
+                data = generate_samples(velocity, sigmas, noise, batch_size, x.device, x.dtype, on_chunk=honour_cancel)
             pooled = positive_pooled(model_k)
             pooled_dim = 0 if pooled is None else pooled.shape[-1]
-            start = 0
+            resuming = resume and os.path.exists(path)
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
-                if resume and os.path.exists(path):
+                if resuming:
                     net, ema, saved, metadata = load_refiner_file(path)
                     if saved != info:
                         raise ValueError(f"name: {name} holds a refiner for {saved.describe()}, not for "
@@ -338,28 +417,34 @@ class TrainVelocityRefiner(io.ComfyNode):
                         raise ValueError(f"name: {name} holds a refiner with a {net.pooled_dim}-feature pooled "
                                          f"conditioning, but positive has {pooled_dim}; pick another name or set "
                                          "resume off")  # fmt: skip
+                    saved_cfg = recorded_cfg(metadata)
+                    if saved_cfg is not None and not math.isclose(saved_cfg, cfg):
+                        logging.warning("TL_TrainVelocityRefiner: %s was trained at cfg %g; resuming at cfg %g",
+                                        name, saved_cfg, cfg)  # fmt: skip
                     start = int(metadata["iteration"])
                 else:
-                    net, ema = new_refiner(info.latent_channels, info.flow, hidden, pooled_dim)
+                    net, ema = new_refiner(info.latent_channels, info.flow, hidden, pooled_dim, seed)
+                    start = 0
+                net, ema = net.to(x.device), ema.to(x.device)  # before the optimizer, whose state follows net
+                state = TrainingState.start(net, config, seed, start)
+                if resuming:  # files saved before the optimizer state was: a fresh optimizer, as they always had
+                    restore_training_state(path, state, learning_rate)
             progress = comfy.utils.ProgressBar(iterations)
             progress.update_absolute(min(start, iterations))
 
-            reached = {"iteration": start}
-
             def on_iteration(i, loss):
-                reached["iteration"] = i  # completed iterations: what a Cancel right after keeps
                 progress.update_absolute(i)
                 comfy.model_management.throw_exception_if_processing_interrupted()
 
             try:
                 with torch.inference_mode(False), torch.enable_grad():
-                    net, ema = net.to(x.device), ema.to(x.device)
                     rows = None if pooled is None else pooled.to(x.device)
-                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, seed, start, on_iteration, rows,
+                    train_velocity_refiner(net, ema, velocity, data, sigmas, config, state, on_iteration, rows,
                                            positive_batch(model_k))  # fmt: skip
             finally:  # Cancel or error: keep what was learned, resumable from the last completed iteration
-                save_refiner(path, net.cpu(), ema.cpu(), info, shape, reached["iteration"])
-            result["refiner"] = VelocityRefiner(ema.eval(), info, {"iteration": reached["iteration"], "path": path})
+                save_refiner(path, net.cpu(), ema.cpu(), info, shape, state.iteration, state, settings)
+            result["refiner"] = VelocityRefiner(ema.eval(), info, {"iteration": state.iteration, "path": path},
+                                                training_cfg=cfg)  # fmt: skip
             return x
 
         noise = torch.zeros(latent["samples"].shape)  # the sampler generates its own noise
@@ -369,15 +454,6 @@ class TrainVelocityRefiner(io.ComfyNode):
         comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent["samples"] * 0,
                                    disable_pbar=True, seed=seed)  # fmt: skip
         return io.NodeOutput(result["refiner"])
-
-
-def generate(velocity, sigmas, shape, generator, device, dtype):
-    """Model samples by Euler from noise over `sigmas` (the model's own data for distillation)."""
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype) * sigmas[0]
-    ones = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i] * ones)
-    return x
 
 
 class LoadVelocityRefiner(io.ComfyNode):
@@ -402,4 +478,6 @@ class LoadVelocityRefiner(io.ComfyNode):
     def execute(cls, refiner_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, refiner_name)
         _, ema, base, metadata = load_refiner_file(path)
-        return io.NodeOutput(VelocityRefiner(ema.eval(), base, {**metadata, "path": path}))
+        return io.NodeOutput(
+            VelocityRefiner(ema.eval(), base, {**metadata, "path": path}, training_cfg=recorded_cfg(metadata))
+        )

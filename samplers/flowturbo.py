@@ -44,13 +44,21 @@ class Plan:
 
 
 def make_plan(n_steps: int, heun_steps: int, refine_steps: int) -> Plan:
-    """H heun_steps, then pseudo-corrector steps, then refine_steps: the plan must fit the schedule."""
+    """H heun_steps, then pseudo-corrector steps, then refine_steps: the plan must fit the schedule, and refiner steps
+    need a model step before them (they update its cached velocity)."""
     if heun_steps < 0 or refine_steps < 0:
         raise ValueError("heun_steps and refine_steps must be >= 0")
     pseudo = n_steps - heun_steps - refine_steps
     if pseudo < 0:
         raise ValueError(
             f"heun_steps ({heun_steps}) + refine_steps ({refine_steps}) exceed the {n_steps} steps of SIGMAS"
+        )
+    if refine_steps and heun_steps + pseudo == 0:
+        # A refiner step corrects a cached model velocity; with no H or P step before it there is none to correct.
+        raise ValueError(
+            f"refine_steps ({refine_steps}) needs at least one Heun or pseudo-corrector step before it, but "
+            f"heun_steps ({heun_steps}) + refine_steps cover all {n_steps} steps of SIGMAS: lower refine_steps or "
+            "raise heun_steps"
         )
     return Plan(heun_steps, pseudo, refine_steps)
 

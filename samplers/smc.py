@@ -203,9 +203,12 @@ def move_eta(noise: NoiseKind, total_beta: float, eta: float | None = None) -> f
 
 def particle_start_noise(noise: Tensor, particles: int, seed: int | None) -> Tensor:
     """[K·B, ...] start noise, particle-major (row k·B + b): particle 0 of each image is `noise` itself, the
-    others are fresh i.i.d. draws from a generator seeded apart from the sampler's step noise."""
+    others are fresh i.i.d. draws from a generator seeded apart from the sampler's step noise. An image whose
+    noise is all zeros (ComfyUI's DisableNoise, add_noise off: start from the latent as it is) gets zero noise
+    for every particle; the particles then part through the move's i.i.d. noise."""
     if particles == 1:
         return noise
+    noisy = append_dims(noise.flatten(1).ne(0).any(dim=1), noise.ndim)  # [B, 1, ...]: which images get noise
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -213,7 +216,7 @@ def particle_start_noise(noise: Tensor, particles: int, seed: int | None) -> Ten
         generator.manual_seed((int(seed) * 6364136223846793005 + 1442695040888963407) % 2**63)
     shape = ((particles - 1) * noise.shape[0],) + tuple(noise.shape[1:])
     extra = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=noise.device, dtype=noise.dtype)
-    return torch.cat([noise, extra])
+    return torch.cat([noise, torch.where(repeat_particles(noisy, particles - 1), extra, 0.0)])
 
 
 def repeat_particles(t: Tensor, particles: int) -> Tensor:

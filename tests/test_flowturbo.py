@@ -1,5 +1,7 @@
 """FlowTurbo: the plan's accuracy on the exact GMM flow, refiners (oracle, trained) and the nodes in the host."""
 
+import json
+import logging
 import sys
 
 import comfy.model_management
@@ -11,6 +13,7 @@ import tiny_models
 import torch
 from gmm_exact import GaussianMixture, flow_alpha
 from harness import pack
+from probes import count_calls
 from test_steppers import reference_ode
 
 ft = pack("samplers.flowturbo")
@@ -126,6 +129,18 @@ def test_plan_errors():
         ft.make_plan(10, 6, 5)
     with pytest.raises(ValueError, match="needs a refiner"):
         ft.sample_flowturbo(denoise, X_START, schedule(4), ft.make_plan(4, 1, 2))
+
+
+def test_refine_steps_need_a_model_step_before_them():
+    """A refiner step updates a cached model velocity: heun_steps 0 with refine_steps = every step has none to update
+    (it used to stop on a bare assert in the middle of sampling). The plan refuses it up front, naming the inputs;
+    one pseudo-corrector step first (its velocity evaluated fresh) is enough."""
+    with pytest.raises(ValueError, match=r"refine_steps \(4\) needs at least one Heun or pseudo-corrector step"):
+        ft.make_plan(4, 0, 4)
+    assert str(ft.make_plan(4, 0, 3)) == "H0P1R3"
+    out = ft.sample_flowturbo(denoise, X_START, schedule(4), ft.make_plan(4, 0, 3), oracle_refiner)
+    heun = ft.sample_flowturbo(denoise, X_START, schedule(4), ft.make_plan(4, 4, 0))
+    torch.testing.assert_close(out, heun, rtol=1e-10, atol=1e-10)  # an exact refiner after P1 is Heun
 
 
 # ---------------------------------------------------------------- the nodes in the real host
@@ -258,6 +273,171 @@ def test_node_model_calls_and_eps_models():
 def test_sampler_errors():
     with pytest.raises(ValueError, match="refiner: refine_steps = 2 needs a refiner"):
         flowturbo(1, 2)
+    model = tiny_models.build_gmm_model("flow", "two_modes_1d")
+    zero_refiner = ftn.VelocityRefiner(ftn.new_refiner(1, True, 8)[1], ftn.BaseModelInfo.of(model.model))
+    with pytest.raises(ValueError, match=r"refine_steps \(4\) needs at least one Heun or pseudo-corrector step"):
+        sample_with(model, flowturbo(0, 4, zero_refiner), 4, tiny_models.gmm_conditioning([0, 0]),
+                    torch.zeros(tiny_models.gmm_latent_shape("two_modes_1d", 2)))  # fmt: skip
+
+
+# ---------------------------------------------------------------- devices, chunked data, exact resume, training cfg
+
+
+def test_refiner_runs_on_the_latents_device_and_is_not_moved_itself():
+    """Trained and loaded refiners sit on CPU; sampling runs where the latents are. The "meta" device stands in for a
+    GPU here: a CPU weight meeting a meta tensor raises "Tensor on device cpu is not on the expected device meta!",
+    as a CPU refiner meets CUDA latents. The refiner's own network (a node output other graphs share) stays on
+    CPU; the copy for the device is made once. A float64 latent gets float64 corrections computed in float32."""
+    _, ema = random_refiner(pooled_dim=4)
+    refiner = ftn.VelocityRefiner(ema.eval(), ftn.BaseModelInfo("Flux", 16, True))
+    g = torch.Generator().manual_seed(0)
+    x, v, pooled = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g), torch.randn(1, 4)
+    sigma = torch.tensor([0.5, 0.25])
+    refine = refiner.function(False, pooled)
+    for _ in range(2):
+        out = refine(x.double().to("meta"), sigma.to("meta"), v.double().to("meta"))
+        assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float64
+    assert list(refiner._placed) == [torch.device("meta")]
+    assert all(p.device.type == "cpu" for p in refiner.net.parameters())
+    by_hand = ema(x, sigma, v, pooled.repeat(2, 1))
+    torch.testing.assert_close(refine(x.double(), sigma.double(), v.double()), by_hand.double(), rtol=0, atol=0)
+
+
+def test_training_batches_are_built_on_the_training_device():
+    """The training draws come from a CPU generator while ComfyUI's sigmas, the samples and the model live on the
+    sampling device. With the samples on "meta" (a stand-in for a GPU) every tensor the base model's velocity sees
+    and every returned tensor must be there; the same with CPU samples and device="meta" (how the node keeps its
+    samples on CPU and trains on the model's device). A mix raises on any cross-device operation."""
+    vr = pack("samplers.velocity_refiner")
+    seen = []
+
+    def velocity(x, sigma):
+        seen.append((x.device.type, sigma.device.type))
+        return torch.zeros_like(x)
+
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    for data, device in ((torch.zeros(12, 4, 2, 2, device="meta"), None), (torch.zeros(12, 4, 2, 2), "meta")):
+        seen.clear()
+        out = vr.sample_training_pair(velocity, data, sigmas, True, 8, 0.12, torch.Generator().manual_seed(0),
+                                      device=device)  # fmt: skip
+        assert [t.device.type for t in out] == ["meta"] * 4 and [t.shape[0] for t in out] == [8] * 4
+        assert seen == [("meta", "meta")] * 2
+
+
+def capture_training_data(monkeypatch):
+    """Record the samples TL_TrainVelocityRefiner hands to training."""
+    captured = []
+    train_fn = ftn.train_velocity_refiner
+
+    def recording(net, ema, velocity, data, *args, **kwargs):
+        captured.append(data.clone())
+        return train_fn(net, ema, velocity, data, *args, **kwargs)
+
+    monkeypatch.setattr(ftn, "train_velocity_refiner", recording)
+    return captured
+
+
+def test_training_samples_are_generated_batch_size_rows_at_a_time_equal_to_one_batch(monkeypatch):
+    """All `samples` rows in one model call would not fit at full size (up to 100k samples): the node generates them
+    batch_size rows per call (the batch training runs the model at). The result must be the one-batch result:
+    reference = ComfyUI's own euler sampler over the same noise (torch.randn seeded with the node's seed) and the
+    node's sigmas in one 5-row batch, on the tiny Flux model (real batched kernels), to 1e-5."""
+    captured = capture_training_data(monkeypatch)
+    flux = tiny_models.build_tiny_model("flux")
+    model, calls = count_calls(flux)
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    shape = tiny_models.latent_shape("flux", 5)
+    train(model, cond, tiny_models.latent_shape("flux"), "chunked", iterations=1, samples=5, steps=3, batch_size=2,
+          resume=False)  # fmt: skip
+    assert calls == [2] * 6 + [1] * 3 + [2, 2]  # 3 chunks x 3 Euler steps, then one training batch (2 calls)
+    sigmas = comfy.samplers.calculate_sigmas(flux.get_model_object("model_sampling"), "normal", 3)
+    assert sigmas[0] == 1.0  # the flow start x = sigma_0 * noise, whatever the latent
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    one_batch = comfy.sample.sample_custom(flux, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas, cond,
+                                           cond, torch.zeros(shape), seed=0, disable_pbar=True)  # fmt: skip
+    # sample_custom returns latents through the Flux latent format; the node keeps model-space samples
+    torch.testing.assert_close(captured[0], flux.model.process_latent_in(one_batch), rtol=1e-5, atol=1e-5)
+
+
+# What a refiner file's metadata held before the optimizer state and the training settings were saved.
+METADATA_BEFORE_OPTIMIZER_STATE = {"format", "model_config", "latent_channels", "flow", "latent_shape", "hidden",
+                                   "iteration", "pooled_dim"}  # fmt: skip
+
+
+def refiner_tensors(name):
+    import safetensors.torch
+
+    return safetensors.torch.load_file(ftn.refiner_path(name))
+
+
+def test_resume_continues_exactly_and_files_without_optimizer_state_still_load_and_resume():
+    """3 iterations, then resuming to 5, equals 5 in one go (weights, EMA, AdamW moments and step, random stream; to
+    1e-7): the file keeps AdamW's state and the training draws' stream. A file as saved before that (no optimizer
+    state, stream or training settings) still loads and samples, and resumes as such files always did (a fresh
+    optimizer, the stream restarted at seed + 3): its weights then land measurably elsewhere (3.6e-2 measured; bar
+    1e-4), which shows the comparison can tell the two apart."""
+    import safetensors.torch
+
+    model = tiny_models.build_tiny_model("flux")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    shape = tiny_models.latent_shape("flux")
+    settings = dict(samples=4, steps=2, learning_rate=1e-2)
+    train(model, cond, shape, "straight", iterations=5, resume=False, **settings)
+    train(model, cond, shape, "resumed", iterations=3, resume=False, **settings)
+    path = ftn.refiner_path("resumed")
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k in METADATA_BEFORE_OPTIMIZER_STATE}
+    old = {k: v for k, v in refiner_tensors("resumed").items() if k.startswith(("net.", "ema."))}
+    safetensors.torch.save_file(old, ftn.refiner_path("old_format_3"), metadata=metadata)
+    loaded = ftn.LoadVelocityRefiner.execute("old_format_3.safetensors").result[0]
+    assert loaded.training_cfg is None and loaded.metadata["iteration"] == "3"
+    sample_with(model, flowturbo(1, 3, loaded), 6, cond, torch.zeros(shape))
+
+    train(model, cond, shape, "resumed", iterations=5, **settings)
+    straight, resumed = refiner_tensors("straight"), refiner_tensors("resumed")
+    assert straight.keys() == resumed.keys() and any(k.startswith("optimizer.") for k in straight)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-7, msg=key)
+    train(model, cond, shape, "old_format_3", iterations=5, **settings)
+    fresh = refiner_tensors("old_format_3")
+    apart = max((fresh[k] - straight[k]).abs().max().item() for k in straight if k.startswith("net."))
+    print(f"fresh optimizer after 3 iterations: weights {apart:.2e} from the uninterrupted run")
+    assert apart > 1e-4
+    train(model, cond, shape, "resumed", iterations=6, **{**settings, "learning_rate": 5e-3})
+    _, _, _, metadata = ftn.load_refiner_file(ftn.refiner_path("resumed"))
+    assert json.loads(metadata["optimizer_param_groups"])[0]["lr"] == 5e-3  # a resumed run takes the new rate
+
+
+def test_training_cfg_is_recorded_and_sampling_at_another_cfg_warns(caplog):
+    """The file records the cfg of the training samples (and how they were made); a loaded or freshly trained
+    refiner warns when sampled at another cfg, and only then."""
+    model = tiny_models.build_tiny_model("flux")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    shape = tiny_models.latent_shape("flux")
+    trained = train(model, cond, shape, "cfg_2_5", iterations=1, samples=2, steps=2, cfg=2.5, resume=False)
+    _, _, _, metadata = ftn.load_refiner_file(ftn.refiner_path("cfg_2_5"))
+    assert (metadata["cfg"], metadata["seed"], metadata["sample_steps"], metadata["samples"]) == ("2.5", "0", "2", "2")
+    loaded = ftn.LoadVelocityRefiner.execute("cfg_2_5.safetensors").result[0]
+    assert loaded.training_cfg == trained.training_cfg == 2.5
+    latent = torch.zeros(shape)
+
+    def warnings_at(refiner, cfg):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            sample_with(model, flowturbo(1, 3, refiner), 6, cond, latent, cfg=cfg)
+        return [r.getMessage() for r in caplog.records if "trained at cfg" in r.getMessage()]
+
+    assert warnings_at(loaded, 2.5) == [] and warnings_at(trained, 2.5) == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # resuming at another cfg is allowed, and said
+        train(model, cond, shape, "cfg_2_5_more", iterations=1, samples=2, steps=2, cfg=2.5, resume=False)
+        train(model, cond, shape, "cfg_2_5_more", iterations=2, samples=2, steps=2, cfg=3.0)
+    assert [r.getMessage() for r in caplog.records if "resuming at cfg" in r.getMessage()] == [
+        "TL_TrainVelocityRefiner: cfg_2_5_more was trained at cfg 2.5; resuming at cfg 3"
+    ]
+    assert warnings_at(loaded, 4.0) == ["TL_FlowTurboSampler: the refiner was trained at cfg 2.5 but this run samples "
+                                        "at cfg 4; its corrections fit the training cfg (train it with cfg 4 for this "
+                                        "run)"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- pooled conditioning, old files, compilation
@@ -338,6 +518,7 @@ def test_refiners_saved_before_pooled_conditioning_still_load_and_sample():
     cond = tiny_models.tiny_conditioning("flux", 1)
     latent = torch.zeros(tiny_models.latent_shape("flux"))
     direct = ftn.VelocityRefiner(ema.eval(), ftn.BaseModelInfo.of(model.model))
+    assert loaded.training_cfg is None  # not recorded then: sampling at any cfg stays silent
     assert torch.equal(sample_with(model, flowturbo(1, 3, loaded), 6, cond, latent),
                        sample_with(model, flowturbo(1, 3, direct), 6, cond, latent))  # fmt: skip
 
@@ -359,7 +540,7 @@ def test_compiled_refiner_matches_the_eager_one():
 
     eager = run(False)
     compiled = run(True)
-    assert refiner._compiled is not None
+    assert list(refiner._compiled) == [torch.device("cpu")]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert not torch.equal(eager, sample_with(model, flowturbo(1, 0), 6, cond, latent))  # the refiner acts
     assert torch.equal(run(True), compiled)  # reused, deterministic
