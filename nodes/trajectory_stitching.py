@@ -8,6 +8,8 @@ ComfyUI's model management loads and cleans them up with it) and two keyed wrapp
   with its own model options, so a LoRA, PAG or other patch on one model stays on that model (a guider with its
   own predict_noise, such as TL_FKCGuider, runs it with the earlier model put in place; what the
   sampler added to the run's model options, e.g. a CFG++ hook, reaches every model).
+Each model can have its own conditioning and cfg (a different text encoder); otherwise it takes the sampler's. Before
+the first step, conditioning whose width does not fit a UNet is refused with the model's name.
 With history = "restart" the OUTER_SAMPLE wrapper also hands the sampler a copy that runs its sampler function once
 per model segment (one noise sampler for the whole run), so a multistep solver starts afresh at each switch.
 At a switch the earlier models are released from ComfyUI's model management when the next model is not fully
@@ -24,12 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import comfy.k_diffusion.sampling
+import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
+import comfy.utils
 from comfy_api.latest import io
 
 from ..samplers.stitching import check_fractions, model_index, segment_bounds, step_thresholds
@@ -45,7 +49,7 @@ SPLITTABLE = ("comfy.k_diffusion.sampling", "comfy.samplers", "comfy.extra_sampl
 
 @dataclass
 class StageConditioning:
-    """Conditioning and cfg for an earlier model when its text encoder differs (None: use the guider's)."""
+    """A model's own conditioning and cfg, when its text encoder differs (None in its place: the sampler's)."""
 
     positive: list
     negative: list
@@ -57,7 +61,7 @@ class StageRun:
     model: Any  # ModelPatcher
     conds: dict
     model_options: dict
-    cfg: float | None
+    cfg: float
     memory: tuple[float, float]  # (memory_required, minimum_memory_required) for a reload at a switch
 
 
@@ -101,20 +105,69 @@ def check_same_space(models: dict[str, object]) -> None:
             kinds = {True: "flow (CONST)", False: "EPS/V (VE-form)"}
             raise ValueError(f"{name}: a {kinds[flow_a]} model cannot be stitched with {ref_name}, a {kinds[flow_b]} "
                              "model: their noise levels do not align")  # fmt: skip
+        if flow_a:
+            # A flow sigma is the noise level itself, x = (1 - sigma) x0 + sigma noise, whatever the shift: a shift
+            # only moves the schedule (the large model's rules), and each model maps sigma to its own timestep.
+            # So flow experts with different shifts (Wan 2.2 high/low noise) align.
+            continue
         if abs(hi_a - hi_b) > 1e-3 * hi_b or abs(lo_a - lo_b) > 1e-3 * max(lo_b, 1e-6):
             raise ValueError(f"{name}: sigma range [{lo_a:.4g}, {hi_a:.4g}] differs from {ref_name}'s "
                              f"[{lo_b:.4g}, {hi_b:.4g}]; the schedules do not align")  # fmt: skip
 
 
+# What a UNet's layers take, by the unet_config key that sizes them: the text context of every cross-attention
+# (attn2) and the pooled/adm vector of the label embedding.
+UNET_WIDTHS = {
+    "c_crossattn": ("cross-attention (text) width", "context_dim"),
+    "y": ("adm (pooled) width", "adm_in_channels"),
+}
+
+
+def check_conditioning(name: str, model, conds: dict) -> None:
+    """Conditioning encoded for another model (SDXL's 2048-wide text given to the 1280-wide refiner) otherwise fails
+    as a bare shape error deep inside the UNet. `model` is a BaseModel, `conds` its processed conditioning. Only
+    ComfyUI's UNet is checked: there the config widths are exactly what its layers take; other networks are left
+    to fail (or adapt) on their own."""
+    if not is_unet(model):
+        return
+    config = model.model_config.unet_config
+    for kind, items in conds.items():
+        for cond in items:
+            for key, (what, config_key) in UNET_WIDTHS.items():
+                expected, value = config.get(config_key), cond.get("model_conds", {}).get(key)
+                if isinstance(expected, int) and value is not None and value.cond.shape[-1] != expected:
+                    raise ValueError(f"{name}: its {kind} conditioning has {what} {value.cond.shape[-1]}, but this "
+                                     f"model takes {expected} ({config_key}); give it conditioning encoded by its own "
+                                     "text encoder")  # fmt: skip
+
+
+def is_unet(model) -> bool:
+    return isinstance(model.diffusion_model, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel)
+
+
+def latent_in(model, latent_image):
+    """The latent as inner_sample hands it to process_conds: in the model's scale, an empty latent left as is."""
+    return model.process_latent_in(latent_image) if latent_image.count_nonzero() > 0 else latent_image
+
+
+def replaced_argument(signature: inspect.Signature, args: tuple, kwargs: dict, name: str, value):
+    """(args, kwargs) of a call with one argument replaced, in the form it was passed (by position or by name)."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    index = list(signature.parameters).index(name)
+    return (*args[:index], value, *args[index + 1 :]), kwargs
+
+
 def stitch_models(
-    models: list,
+    models: dict[str, Any],
     fractions: list[float],
     switch_by: str,
-    stage_conditioning: Sequence[StageConditioning | None] = (),
+    conditioning: Sequence[StageConditioning | None] = (),
     history: str = "carry",
     release: str = "when_vram_short",
 ):
-    """Chain `models` (noisiest first); model k takes the steps between fractions[k-1] and fractions[k]."""
+    """Chain `models` (input name -> MODEL, noisiest first); model k takes the steps between fractions[k-1] and
+    fractions[k]. conditioning[k] gives model k its own conditioning and cfg; None or missing: the sampler's."""
     for name, value, valid in (("switch_by", switch_by, SWITCH_BY), ("history", history, HISTORY),
                                ("release_after_switch", release, RELEASE)):  # fmt: skip
         if value not in valid:
@@ -122,19 +175,38 @@ def stitch_models(
     fractions = check_fractions(fractions)
     if len(fractions) != len(models) - 1:
         raise ValueError(f"{len(models)} models need {len(models) - 1} switch fractions, got {len(fractions)}")
-    earlier = models[:-1]
-    conditioning = list(stage_conditioning) or [None] * len(earlier)
-    stitched = models[-1].clone()
-    stitched.set_additional_models(WRAPPER_KEY, [m.clone() for m in earlier])
+    if len(conditioning) > len(models):
+        raise ValueError(f"{len(models)} models, but conditioning for {len(conditioning)}")
+    names, chain = list(models), list(models.values())
+    own = list(conditioning) + [None] * (len(models) - len(conditioning))
+    earlier_own, last_own = own[:-1], own[-1]
+    stitched = chain[-1].clone()
+    stitched.set_additional_models(WRAPPER_KEY, [m.clone() for m in chain[:-1]])
     large_sampling = stitched.get_model_object("model_sampling")
     sigma_thresholds = [float(large_sampling.percent_to_sigma(f)) for f in fractions]
 
-    def prepare_stages(executor, noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs):
+    def prepare_stages(executor, *args, **kwargs):
+        # Bound against the wrapped function's own signature: ComfyUI passes seed (and more) by position, and
+        # every argument is handed on unchanged but the sampler.
+        signature = inspect.signature(executor.original)
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        run_args = call.arguments
+        noise, sigmas = run_args["noise"], run_args["sigmas"]
         guider = executor.class_obj
         device = guider.model_patcher.load_device
+        # What outer_sample hands the last model's process_conds, for every earlier model too.
+        latent_image = run_args["latent_image"].to(device)
+        denoise_mask = run_args["denoise_mask"]
+        if denoise_mask is not None:
+            denoise_mask = comfy.sampler_helpers.prepare_mask(denoise_mask, noise.shape, device)
+        noise = noise.to(device)
+        encode_args = {"denoise_mask": denoise_mask, "seed": run_args["seed"],
+                       "latent_shapes": run_args.get("latent_shapes")}  # fmt: skip
+        sampler_cfg = guider.cfg
         stage_models = guider.model_patcher.get_additional_models_with_key(WRAPPER_KEY)
         runs = []
-        for m, cond in zip(stage_models, conditioning, strict=True):
+        for name, m, cond in zip(names[:-1], stage_models, earlier_own, strict=True):
             if cond is None:
                 raw = {k: [c.copy() for c in v] for k, v in guider.original_conds.items()}
             else:
@@ -143,26 +215,35 @@ def stitch_models(
             memory = comfy.sampler_helpers.estimate_memory(m, noise.shape, raw)
             options = comfy.model_patcher.create_model_options_clone(m.model_options)
             comfy.sampler_helpers.prepare_model_patcher(m, raw, options)
-            latent = latent_image
-            if latent is not None and latent.count_nonzero() > 0:
-                latent = m.model.process_latent_in(latent)
-            conds = comfy.samplers.process_conds(m.model, noise, raw, device, latent, denoise_mask, kwargs.get("seed"))
+            latent = latent_in(m.model, latent_image)
+            conds = comfy.samplers.process_conds(m.model, noise, raw, device, latent, **encode_args)
+            check_conditioning(name, m.model, conds)
             options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-            runs.append(StageRun(m, conds, options, None if cond is None else cond.cfg, memory))
+            runs.append(StageRun(m, conds, options, sampler_cfg if cond is None else cond.cfg, memory))
         if switch_by == "steps":
             thresholds = step_thresholds(sigmas.tolist(), fractions)
         else:
             thresholds = sigma_thresholds
-        memory = comfy.sampler_helpers.estimate_memory(guider.model_patcher, noise.shape, guider.conds)
-        guider.model_options[RUN_KEY] = StitchRun(runs, guider.model_patcher, memory, thresholds)
         if history == "restart":
-            sampler = restarting_sampler(sampler, segment_bounds(sigmas.tolist(), thresholds))
-        for run in runs:
-            run.model.pre_run()
+            sampler = restarting_sampler(run_args["sampler"], segment_bounds(sigmas.tolist(), thresholds))
+            args, kwargs = replaced_argument(signature, args, kwargs, "sampler", sampler)
+        saved = guider.conds, guider.cfg
         try:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
+            if last_own is not None:
+                # The last model's own conditioning takes the sampler's place for this run, before outer_sample,
+                # so ComfyUI prepares it (control models loaded, conds processed) as if the sampler had it.
+                guider.conds = {**guider.conds, "positive": comfy.sampler_helpers.convert_cond(last_own.positive),
+                                "negative": comfy.sampler_helpers.convert_cond(last_own.negative)}  # fmt: skip
+                guider.cfg = last_own.cfg
+            check_last_model(names[-1], guider, noise, device, latent_image, encode_args)
+            memory = comfy.sampler_helpers.estimate_memory(guider.model_patcher, noise.shape, guider.conds)
+            guider.model_options[RUN_KEY] = StitchRun(runs, guider.model_patcher, memory, thresholds)
+            for run in runs:
+                run.model.pre_run()
+            return executor(*args, **kwargs)
         finally:
             guider.model_options.pop(RUN_KEY, None)
+            guider.conds, guider.cfg = saved
             for run in runs:
                 run.model.cleanup()
 
@@ -181,9 +262,8 @@ def stitch_models(
         if type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
             with guider_on_stage(guider, run):
                 return guider.predict_noise(x, timestep, options, seed)
-        cfg = guider.cfg if run.cfg is None else run.cfg
         return comfy.samplers.sampling_function(
-            run.model.model, x, timestep, run.conds.get("negative"), run.conds.get("positive"), cfg,
+            run.model.model, x, timestep, run.conds.get("negative"), run.conds.get("positive"), run.cfg,
             model_options=options, seed=seed,
         )  # fmt: skip
 
@@ -192,6 +272,21 @@ def stitch_models(
         stitched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         stitched.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     return stitched
+
+
+def check_last_model(name: str, guider, noise, device, latent_image, encode_args: dict) -> None:
+    """check_conditioning for the last model before sampling starts. Its conditioning is processed later, inside
+    outer_sample, so encode a copy with its own extra_conds (what decides the adm width) just for the check."""
+    model = guider.model_patcher.model
+    if not is_unet(model):
+        return
+    latent = latent_in(model, latent_image)
+    encoded = {}
+    for kind, items in guider.conds.items():
+        copies = [c.copy() for c in items]
+        encoded[kind] = comfy.samplers.encode_model_conds(model.extra_conds, copies, noise, device, kind,
+                                                          latent_image=latent, **encode_args)  # fmt: skip
+    check_conditioning(name, model, encoded)
 
 
 def with_sampler_additions(stage_options: dict, call_options: dict, guider_options: dict) -> dict:
@@ -215,8 +310,7 @@ def guider_on_stage(guider, run: StageRun):
     """The guider's own predict_noise with an earlier model, its conditioning and cfg put in place, so a guider
     that combines predictions its own way (FKC's product of experts) does so on every model."""
     saved = guider.inner_model, guider.conds, guider.cfg
-    guider.inner_model, guider.conds = run.model.model, run.conds
-    guider.cfg = guider.cfg if run.cfg is None else run.cfg
+    guider.inner_model, guider.conds, guider.cfg = run.model.model, run.conds, run.cfg
     try:
         yield guider
     finally:
@@ -298,12 +392,24 @@ def release_earlier(state: StitchRun, release: str) -> None:
 
 def ensure_loaded(patcher, memory: tuple[float, float]) -> None:
     """Load a stage's weights when they are not on: released at an earlier switch, or two stages sharing one
-    network with different weight patches (the same checkpoint with and without a LoRA)."""
+    network with different weight patches (the same checkpoint with and without a LoRA). Then put its object patches
+    in place, as its own load would."""
     current = getattr(patcher.model, "current_weight_patches_uuid", None)
     patched_by_other = current != patcher.patches_uuid and (current is not None or patcher.patches)
     if patched_by_other or loaded_entry(patcher) is None:
         comfy.model_management.load_models_gpu([patcher], memory_required=memory[0],
                                                minimum_memory_required=memory[1])  # fmt: skip
+    apply_object_patches(patcher)
+
+
+def apply_object_patches(patcher) -> None:
+    """Two stages sharing one network with different object patches (one checkpoint at two shifts: each its own
+    model_sampling) are both loaded for the run, and the network keeps whichever patches were applied last. Put this
+    stage's on: its own patches, and the originals (kept in the backup all clones share) where it has none."""
+    wanted = {**patcher.object_patches_backup, **patcher.object_patches}
+    for key, value in wanted.items():
+        if comfy.utils.get_attr(patcher.model, key) is not value:
+            comfy.utils.set_attr(patcher.model, key, value)
 
 
 _FRACTION_TIP = (
@@ -357,8 +463,8 @@ class TStitchModel(io.ComfyNode):
         cls, small_model, large_model, small_fraction, switch_by, history="carry",
         release_after_switch="when_vram_short",
     ) -> io.NodeOutput:  # fmt: skip
-        check_same_space({"small_model": small_model, "large_model": large_model})
-        models = [small_model, large_model]
+        models = {"small_model": small_model, "large_model": large_model}
+        check_same_space(models)
         return io.NodeOutput(stitch_models(models, [small_fraction], switch_by, (), history, release_after_switch))
 
 
@@ -408,14 +514,44 @@ class TStitchGuider(io.ComfyNode):
         cls, small_model, large_model, small_positive, small_negative, large_positive, large_negative, small_cfg,
         large_cfg, small_fraction, switch_by, history="carry", release_after_switch="when_vram_short",
     ) -> io.NodeOutput:  # fmt: skip
-        check_same_space({"small_model": small_model, "large_model": large_model})
+        models = {"small_model": small_model, "large_model": large_model}
+        check_same_space(models)
         small = StageConditioning(small_positive, small_negative, small_cfg)
-        models = [small_model, large_model]
         stitched = stitch_models(models, [small_fraction], switch_by, [small], history, release_after_switch)
         guider = comfy.samplers.CFGGuider(stitched)
         guider.set_conds(large_positive, large_negative)
         guider.set_cfg(large_cfg)
         return io.NodeOutput(guider)
+
+
+MAX_CHAIN = 4
+
+
+def own_conditioning_inputs(k: int) -> list:
+    """TL_TStitchChain's optional conditioning for model_k: for a model whose text encoder differs (the refiner)."""
+    return [
+        io.Conditioning.Input(f"positive_{k}", optional=True,
+                              tooltip=f"model_{k}'s own positive prompt, encoded by its text encoder. Unconnected: "
+                              "the sampler's positive."),
+        io.Conditioning.Input(f"negative_{k}", optional=True,
+                              tooltip=f"model_{k}'s own negative prompt (needed with positive_{k})."),
+        io.Float.Input(f"cfg_{k}", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                       tooltip=f"CFG scale for model_{k}, used with its own positive_{k}/negative_{k}; otherwise "
+                       "the sampler's cfg applies."),
+    ]  # fmt: skip
+
+
+def chain_conditioning(k: int, connected: bool, own: dict) -> StageConditioning | None:
+    positive, negative = own.get(f"positive_{k}"), own.get(f"negative_{k}")
+    if positive is None and negative is None:
+        return None
+    if not connected:
+        raise ValueError(f"positive_{k}/negative_{k} are connected but model_{k} is not")
+    if positive is None or negative is None:
+        given, missing = (f"positive_{k}", f"negative_{k}") if negative is None else (f"negative_{k}", f"positive_{k}")
+        raise ValueError(f"model_{k}: {given} is connected but {missing} is not; a model with its own conditioning "
+                         "needs both")  # fmt: skip
+    return StageConditioning(positive, negative, own.get(f"cfg_{k}", 7.0))
 
 
 class TStitchChain(io.ComfyNode):
@@ -426,7 +562,8 @@ class TStitchChain(io.ComfyNode):
             display_name="T-Stitch Chain (Trajectory Lab)",
             category="trajectory_lab/stitching",
             description="Up to four models over one trajectory, noisiest first (eDiff-I-style experts, Wan 2.2 "
-            "high-noise -> low-noise, SSD-1B -> SDXL -> refiner). Switch fractions are cumulative.",
+            "high-noise -> low-noise, SSD-1B -> SDXL -> refiner). Switch fractions are cumulative. A model whose text "
+            "encoder differs (the refiner) takes its own positive_k/negative_k/cfg_k; the others the sampler's.",
             inputs=[
                 io.Model.Input("model_1", tooltip="First (noisiest) steps."),
                 io.Model.Input("model_2", tooltip="The second model (takes over at switch_1)."),
@@ -458,6 +595,8 @@ class TStitchChain(io.ComfyNode):
                 ),
                 io.Combo.Input("switch_by", options=SWITCH_BY, default="steps", tooltip=_SWITCH_TIP),
                 *stitch_options(),
+                # Per-model conditioning last: the cfg widgets extend a stored workflow's widget values at the end.
+                *(item for k in range(1, MAX_CHAIN + 1) for item in own_conditioning_inputs(k)),
             ],  # fmt: skip
             outputs=[io.Model.Output()],
         )
@@ -465,13 +604,15 @@ class TStitchChain(io.ComfyNode):
     @classmethod
     def execute(
         cls, model_1, model_2, switch_1, switch_by, model_3=None, switch_2=0.8, model_4=None, switch_3=0.9,
-        history="carry", release_after_switch="when_vram_short",
+        history="carry", release_after_switch="when_vram_short", **own,
     ):  # fmt: skip
         if model_4 is not None and model_3 is None:
             raise ValueError("model_4 is connected but model_3 is not: connect the chain in order")
         chain = {"model_1": model_1, "model_2": model_2, "model_3": model_3, "model_4": model_4}
+        conditioning = [chain_conditioning(k, chain[f"model_{k}"] is not None, own) for k in range(1, MAX_CHAIN + 1)]
         chain = {k: v for k, v in chain.items() if v is not None}
         fractions = [switch_1, switch_2, switch_3][: len(chain) - 1]
         check_same_space(chain)
-        stitched = stitch_models(list(chain.values()), fractions, switch_by, (), history, release_after_switch)
+        stitched = stitch_models(chain, fractions, switch_by, conditioning[: len(chain)], history,
+                                 release_after_switch)  # fmt: skip
         return io.NodeOutput(stitched)

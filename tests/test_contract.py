@@ -16,6 +16,12 @@ CONTRACT = {
     "TL_TStitchGuider": ({k: REQUIRED for k in ("small_model", "large_model", "small_positive", "small_negative",
                                                 "large_positive", "large_negative", "small_cfg", "large_cfg")}
                          | {"small_fraction": 0.4}, [], ["GUIDER"]),
+    # Not in DESIGN.md's table (the issue allowed an extra node): pinned because saved workflows store it too.
+    "TL_TStitchChain": ({"model_1": REQUIRED, "model_2": REQUIRED, "switch_1": 0.4, "switch_2": 0.8, "switch_3": 0.9,
+                         "switch_by": "steps"},
+                        ["model_3", "model_4", "history", "release_after_switch"]
+                        + [f"{kind}_{k}" for k in range(1, 5) for kind in ("positive", "negative", "cfg")],
+                        ["MODEL"]),
     "TL_FKCGuider": ({"model": REQUIRED, "positive": REQUIRED, "negative": REQUIRED, "cfg": 4.0, "beta": 1.0},
                      ["positive_2", "positive_3"], ["GUIDER"]),
     "TL_FKCSampler": ({"particles": 8, "noise": REQUIRED, "resample": REQUIRED, "ess_threshold": 0.5,

@@ -1,6 +1,7 @@
 """T-Stitch in the real host: exact routing on tiny real models, and accuracy on the exact GMM."""
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -64,8 +65,10 @@ def test_same_model_twice_is_plain_sampling_with_exact_call_counts(r):
 
 
 @pytest.mark.parametrize(
-    "sampler", ["heun", "dpmpp_2m", "dpmpp_2s_ancestral", "uni_pc", "lcm", "euler_ancestral", "dpmpp_2m_cfg_pp"]
-)
+    "sampler",
+    ["heun", "dpmpp_2m", "dpmpp_2s_ancestral", "uni_pc", "lcm", "euler_ancestral", "dpmpp_2m_cfg_pp",
+     "dpmpp_2m_sde", "dpmpp_3m_sde", "deis", "ipndm", "res_multistep"],
+)  # fmt: skip
 def test_every_kind_of_sampler_is_unchanged_when_both_models_are_the_same(sampler):
     """Including the CFG++ samplers, which hook into CFG through model options: the small model's calls get it."""
     base = tiny_models.build_tiny_model("sd15")
@@ -391,3 +394,266 @@ def test_clear_errors():
                                          r"\(flowturbo_sampler_fn\) runs its own loop"):  # fmt: skip
         comfy.sample.sample_custom(stitch(sd15, sd15, 0.5, history="restart"), latent, 1.0, turbo, sigmas, positive,
                                    positive, latent, disable_pbar=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------- what each model of a run is given
+
+
+def chain(*models, switches=(0.2, 0.6, 0.9), **options):
+    named = {f"model_{k}": m for k, m in enumerate(models[2:], 3)}
+    extra = {f"switch_{k}": switches[k - 1] for k in range(2, len(models))}
+    return ts.TStitchChain.execute(models[0], models[1], switches[0], "steps", **named, **extra, **options).result[0]
+
+
+def zero_negative(positive):
+    return [[torch.zeros_like(positive[0][0]), {k: torch.zeros_like(v) for k, v in positive[0][1].items()}]]
+
+
+@pytest.mark.parametrize("path", ["model", "guider", "chain"])
+def test_every_model_gets_the_runs_seed_and_latent_shapes(path, monkeypatch):
+    """ComfyUI passes the seed to outer_sample by position; every model's conditioning must be encoded with it (unCLIP,
+    x4 upscaler and others draw noise augmentation from it in extra_conds) and with the run's latent_shapes."""
+    models = [tiny_models.build_tiny_model("sd15", seed=s) for s in (3, 5, 0)]
+    seen = []
+    for index, model in enumerate(models):
+
+        def recording(index=index, encode=model.model.extra_conds, **kwargs):
+            seen.append((index, kwargs["prompt_type"], kwargs.get("seed"), kwargs.get("latent_shapes")))
+            return encode(**kwargs)
+
+        monkeypatch.setattr(model.model, "extra_conds", recording)
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    negative = zero_negative(positive)
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    if path == "guider":
+        node = ts.TStitchGuider.execute(models[1], models[2], positive, negative, positive, negative, 2.0, 2.0, 0.5,
+                                        "steps")  # fmt: skip
+        sigmas = comfy.samplers.calculate_sigmas(models[2].get_model_object("model_sampling"), "normal", 4)
+        sampler = comfy.samplers.sampler_object("euler")
+        node.result[0].sample(noise, latent, sampler, sigmas, seed=1234, disable_pbar=True)
+        expected_models = {1, 2}
+    else:
+        stitched = stitch(models[1], models[2], 0.5) if path == "model" else chain(*models)
+        comfy.sample.sample(stitched, noise, 4, 2.0, "euler", "normal", positive, negative, latent, seed=1234,
+                            disable_pbar=True)  # fmt: skip
+        expected_models = {1, 2} if path == "model" else {0, 1, 2}
+    assert {(index, kind) for index, kind, *_ in seen} == {(i, k) for i in expected_models for k in PROMPT_TYPES}
+    assert all(seed == 1234 for *_, seed, _ in seen), seen
+    assert all(shapes == [latent.shape] for *_, shapes in seen), seen
+
+
+PROMPT_TYPES = ("positive", "negative")
+REFINER_CONTEXT = 48  # the tiny SDXL's is 64 (like the real refiner's 1280 against SDXL's 2048)
+# ComfyUI's SDXLRefiner.encode_adm: the pooled text plus five 256-wide embeddings (height, width, crop_h, crop_w,
+# aesthetic score).
+REFINER_ADM = tiny_models.POOLED_DIM + 5 * 256
+
+
+@pytest.fixture(scope="module")
+def refiner_base():
+    """A tiny SDXL refiner (ComfyUI's own SDXLRefiner model class): SDXL's latent space, its own text widths."""
+    import comfy.supported_models
+
+    unet = {**tiny_models.TINY_UNET_CONFIGS["sdxl"], "context_dim": REFINER_CONTEXT, "adm_in_channels": REFINER_ADM}
+    config = comfy.supported_models.SDXLRefiner(unet)
+    config.unet_config.update(unet)  # undo the full-size refiner settings, as tiny_models does for its configs
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode(False), torch.no_grad():
+        model = config.get_model({})
+        tiny_models.fill_seeded_(model.diffusion_model, 0)
+    yield comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                           offload_device=comfy.model_management.unet_offload_device())  # fmt: skip
+
+
+def refiner_conditioning(seed, pooled=tiny_models.POOLED_DIM):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tiny_models.TOKENS, REFINER_CONTEXT, generator=gen),
+             {"pooled_output": torch.randn(1, pooled, generator=gen)}]]  # fmt: skip
+
+
+def test_conditioning_that_does_not_fit_a_model_is_named_before_any_model_runs(refiner_base):
+    """SDXL -> refiner with SDXL's conditioning fails in ComfyUI with a bare shape error inside the refiner's UNet;
+    the stitched run names the model and the widths before any model call. With the refiner's own conditioning the
+    chain (the issue's SDXL -> refiner) runs."""
+    sdxl, sdxl_calls = count_calls(tiny_models.build_tiny_model("sdxl"), "sigma")
+    refiner, refiner_calls = count_calls(refiner_base, "sigma")
+    sdxl_text = "cross-attention \\(text\\) width 64, but this model takes 48 \\(context_dim\\)"
+    with pytest.raises(ValueError, match=f"model_2: its positive conditioning has {sdxl_text}"):
+        sample(chain(sdxl, refiner), "sdxl")
+    with pytest.raises(ValueError, match=f"small_model: its positive conditioning has {sdxl_text}"):
+        sample(stitch(refiner, sdxl, 0.5), "sdxl")
+    with pytest.raises(ValueError, match=f"large_model: its positive conditioning has {sdxl_text}"):
+        sample(stitch(sdxl, refiner, 0.5), "sdxl")
+    # A pooled output of the wrong width: the refiner's adm comes out 16 + 5 * 256 wide.
+    narrow = refiner_conditioning(2, pooled=16)
+    adm_text = f"adm \\(pooled\\) width {16 + 5 * 256}, but this model takes {REFINER_ADM} \\(adm_in_channels\\)"
+    with pytest.raises(ValueError, match=f"model_2: its positive conditioning has {adm_text}"):
+        sample(chain(sdxl, refiner, positive_2=narrow, negative_2=zero_negative(narrow), cfg_2=2.0), "sdxl")
+    # The guider's small SDXL given a narrow pooled output: SDXL's adm adds six 256-wide size embeddings.
+    sdxl_cond = tiny_models.tiny_conditioning("sdxl", 1)
+    sdxl_narrow = [[sdxl_cond[0][0], {"pooled_output": torch.ones(1, 16)}]]
+    guider = ts.TStitchGuider.execute(sdxl, sdxl, sdxl_narrow, zero_negative(sdxl_narrow), sdxl_cond,
+                                      zero_negative(sdxl_cond), 2.0, 2.0, 0.5, "steps").result[0]  # fmt: skip
+    latent = torch.zeros(tiny_models.latent_shape("sdxl"))
+    sigmas = comfy.samplers.calculate_sigmas(sdxl.get_model_object("model_sampling"), "normal", 4)
+    sdxl_adm = tiny_models.POOLED_DIM + 6 * 256
+    with pytest.raises(
+        ValueError,
+        match=f"small_model: its positive conditioning has adm \\(pooled\\) width "
+        f"{16 + 6 * 256}, but this model takes {sdxl_adm} \\(adm_in_channels\\)",
+    ):
+        guider.sample(latent, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0, disable_pbar=True)
+    assert sdxl_calls == [] and refiner_calls == []
+    own = refiner_conditioning(3)
+    sample(chain(sdxl, refiner, positive_2=own, negative_2=zero_negative(own), cfg_2=2.0), "sdxl")
+    assert (len(sdxl_calls), len(refiner_calls)) == (2, 8)  # switch_1 = 0.2 of 10 steps
+
+
+def test_each_model_of_a_chain_gets_its_own_conditioning():
+    """Three models, 10 euler steps, switches 0.2 / 0.6: model_1 and model_3 have their own conditioning, model_2
+    takes the sampler's. Every model call's cross-attention rows are exactly its own positive and negative."""
+    models = [tiny_models.build_tiny_model("sd15", seed=s) for s in (3, 4, 0)]
+    seen: dict[int, list] = {0: [], 1: [], 2: []}
+    probed = []
+    for index, model in enumerate(models):
+
+        def wrapper(executor, x, t, c_concat, c_crossattn, *args, index=index, **kwargs):
+            seen[index].append(c_crossattn)
+            return executor(x, t, c_concat, c_crossattn, *args, **kwargs)
+
+        clone = model.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.conditioning", wrapper)
+        probed.append(clone)
+    positive = {k: tiny_models.tiny_conditioning("sd15", seed) for k, seed in ((1, 7), (2, 1), (3, 9))}
+    negative = {1: tiny_models.tiny_conditioning("sd15", 8), 2: zero_negative(positive[2]),
+                3: tiny_models.tiny_conditioning("sd15", 10)}  # fmt: skip
+    own = {f"{kind}_{k}": cond[k] for kind, cond in (("positive", positive), ("negative", negative)) for k in (1, 3)}
+    stitched = chain(*probed, switches=(0.2, 0.6), **own, cfg_1=3.0, cfg_3=4.0)
+    sample(stitched, positive=positive[2])  # the sample helper's negative is the zeroed positive: negative[2]
+    assert [len(calls) for calls in seen.values()] == [2, 4, 4]
+    for index, calls in seen.items():
+        expected = [positive[index + 1][0][0][0], negative[index + 1][0][0][0]]
+        for rows in calls:
+            assert sorted(any(torch.equal(row, e) for row in rows) for e in expected) == [True, True]
+            assert all(any(torch.equal(row, e) for e in expected) for row in rows)
+
+
+def test_a_chain_with_its_own_conditioning_per_model_is_the_guider():
+    """Two models: TL_TStitchChain with positive/negative/cfg per model (the sampler's conditioning and cfg then
+    unused) and with them on model_1 only (model_2 takes the sampler's) both equal TL_TStitchGuider exactly."""
+    large, small = tiny_models.build_tiny_model("sd15", seed=0), tiny_models.build_tiny_model("sd15", seed=5)
+    pos_small, neg_small = tiny_models.tiny_conditioning("sd15", 7), tiny_models.tiny_conditioning("sd15", 8)
+    pos_large, neg_large = tiny_models.tiny_conditioning("sd15", 1), tiny_models.tiny_conditioning("sd15", 2)
+    unused = tiny_models.tiny_conditioning("sd15", 11)
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sampler = comfy.samplers.sampler_object("dpmpp_2m")
+    sigmas = comfy.samplers.calculate_sigmas(large.get_model_object("model_sampling"), "karras", 8)
+
+    def run(guider):
+        return guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+
+    def sampled(model, positive, negative, cfg):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return run(guider)
+
+    node = ts.TStitchGuider.execute(small, large, pos_small, neg_small, pos_large, neg_large, 3.0, 5.0, 0.5, "steps")
+    reference = run(node.result[0])
+    first = {"positive_1": pos_small, "negative_1": neg_small, "cfg_1": 3.0}
+    both = chain(small, large, switches=(0.5,), **first, positive_2=pos_large, negative_2=neg_large, cfg_2=5.0)
+    assert torch.equal(sampled(both, unused, unused, 9.0), reference)
+    assert torch.equal(sampled(chain(small, large, switches=(0.5,), **first), pos_large, neg_large, 5.0), reference)
+    assert not torch.equal(sampled(large, pos_large, neg_large, 5.0), reference)
+
+
+def test_chain_conditioning_errors():
+    sd15 = tiny_models.build_tiny_model("sd15")
+    cond = tiny_models.tiny_conditioning("sd15", 1)
+    with pytest.raises(ValueError, match="model_2: positive_2 is connected but negative_2 is not"):
+        chain(sd15, sd15, positive_2=cond)
+    with pytest.raises(ValueError, match="model_1: negative_1 is connected but positive_1 is not"):
+        chain(sd15, sd15, negative_1=cond)
+    with pytest.raises(ValueError, match="positive_3/negative_3 are connected but model_3 is not"):
+        chain(sd15, sd15, positive_3=cond, negative_3=cond)
+
+
+def test_chain_with_its_own_conditioning_in_a_graph(host):
+    """Through ComfyUI's executor: the optional per-model inputs reach the node; a second run is identical."""
+    prompt = tiny_arch_nodes("sd15", "a_")
+    prompt["small"] = {"class_type": "TLTest_TinyModel", "inputs": {"arch": "sd15", "seed": 5}}
+    prompt["small_pos"] = {"class_type": "TLTest_TinyConditioning", "inputs": {"arch": "sd15", "seed": 7, "batch": 1}}
+    prompt["chain"] = {
+        "class_type": "TL_TStitchChain",
+        "inputs": {"model_1": ["small", 0], "model_2": ["a_model", 0], "switch_1": 0.5, "switch_2": 0.8,
+                   "switch_3": 0.9, "switch_by": "steps", "positive_1": ["small_pos", 0],
+                   "negative_1": ["a_neg", 0], "cfg_1": 3.0},
+    }  # fmt: skip
+    prompt["a_sample"]["inputs"]["model"] = ["chain", 0]
+    first, second = host.run(prompt), host.run(prompt)
+    assert torch.equal(first["a_sample"][0]["samples"], second["a_sample"][0]["samples"])
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    own = {"positive_1": tiny_models.tiny_conditioning("sd15", 7), "negative_1": zero_negative(positive), "cfg_1": 3.0}
+    direct = chain(tiny_models.build_tiny_model("sd15", seed=5), tiny_models.build_tiny_model("sd15"),
+                   switches=(0.5,), **own)  # fmt: skip
+    expected = comfy.sample.sample(direct, comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 0), 3, 2.0, "euler",
+                                   "normal", positive, zero_negative(positive), torch.zeros(1, 4, 8, 8), seed=0,
+                                   disable_pbar=True)  # fmt: skip
+    assert torch.equal(first["a_sample"][0]["samples"], expected)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("network", ["separate", "shared"])
+def test_flow_models_with_different_shifts_stitch_and_each_maps_sigma_to_its_own_timestep(network):
+    """Flow experts with their own shift (Wan 2.2's high/low-noise pair): the same sigma is the same noise level, so
+    they stitch; each model turns sigma into its own timestep. small: AuraFlow-style shift 2 (timestep = sigma),
+    large: SD3-style shift 3 (timestep = 1000 sigma). 10 euler steps, r = 0.4, cfg 1 (one call per step). shared:
+    one network under both shifts, where each stage's model_sampling must be put back in place for its calls."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow, ModelSamplingSD3
+
+    small_preset = "four_modes_blurred" if network == "separate" else "four_modes"
+    small = ModelSamplingAuraFlow().patch_aura(tiny_models.build_gmm_model("flow", small_preset), 2.0)[0]
+    large = ModelSamplingSD3().patch(tiny_models.build_gmm_model("flow", "four_modes"), 3.0)[0]
+    seen: dict[str, list] = {"small": [], "large": []}
+
+    def probe(name):
+        def wrapper(executor, x, timesteps, *args, **kwargs):
+            sigma = args[1][tiny_models.SIGMA_KEY]  # (context, transformer_options, ...): the exact sigma
+            seen[name].append((float(sigma.flatten()[0]), float(timesteps.flatten()[0])))
+            return executor(x, timesteps, *args, **kwargs)
+
+        return wrapper
+
+    probed = {}
+    for name, model in (("small", small), ("large", large)):
+        probed[name] = model.clone()
+        probed[name].add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "tests.t", probe(name))
+    cond = tiny_models.gmm_conditioning([0, 0, 0, 0])
+    latent = torch.zeros(tiny_models.gmm_latent_shape("four_modes", 4))
+    comfy.sample.sample(stitch(probed["small"], probed["large"], 0.4), comfy.sample.prepare_noise(latent, 0), 10, 1.0,
+                        "euler", "simple", cond, cond, latent, seed=0, disable_pbar=True)  # fmt: skip
+    assert (len(seen["small"]), len(seen["large"])) == (4, 6)
+    assert all(t == pytest.approx(s, rel=1e-6) for s, t in seen["small"]), seen["small"]
+    assert all(t == pytest.approx(1000 * s, rel=1e-6) for s, t in seen["large"]), seen["large"]
+    assert seen["small"][0][0] == pytest.approx(1.0) and seen["small"][-1][0] > seen["large"][0][0]
+
+
+def test_eps_models_with_different_sigma_ranges_are_refused():
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    sd15 = tiny_models.build_tiny_model("sd15")
+    zsnr = ModelSamplingDiscrete().patch(tiny_models.build_tiny_model("sd15"), "eps", True)[0]
+    lo, hi = (float(zsnr.get_model_object("model_sampling").sigma_min),
+              float(zsnr.get_model_object("model_sampling").sigma_max))  # fmt: skip
+    ref = sd15.get_model_object("model_sampling")
+    assert hi > 100 * float(ref.sigma_max)  # zero terminal SNR: the top sigma is huge
+    pattern = (
+        f"small_model: sigma range \\[{lo:.4g}, {hi:.4g}\\] differs from large_model's "
+        f"\\[{float(ref.sigma_min):.4g}, {float(ref.sigma_max):.4g}\\]; the schedules do not align"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        ts.TStitchModel.execute(zsnr, sd15, 0.4, "steps")
