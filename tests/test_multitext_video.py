@@ -502,7 +502,7 @@ def test_schema_keeps_the_contract():
     sequence = mtv.PromptSequenceNode.define_schema()
     assert sequence.node_id == "TL_PromptSequence"
     seq_inputs = {i.id: i for i in sequence.inputs}
-    assert not seq_inputs["clip"].optional and not seq_inputs["text"].optional and seq_inputs["text"].multiline
+    assert seq_inputs["clip"].optional and not seq_inputs["text"].optional and seq_inputs["text"].multiline
     assert sequence.outputs[0].io_type == "TL_PROMPT_SEQUENCE"
     schema = mtv.MultiTextVideo.define_schema()
     assert schema.node_id == "TL_MultiTextVideo"
