@@ -311,10 +311,10 @@ def _resample(
     """Systematic resampling of the flagged groups. Returns x, denoised, reset log-weights, and the ranking (each
     particle's ancestor's log-weight)."""
     groups, k = log_weights.shape
-    uniforms = torch.rand(groups, generator=generator, dtype=torch.float64).to(x.device)
-    ancestors = torch.arange(k, device=x.device).expand(groups, k)
+    uniforms = torch.rand(groups, generator=generator, dtype=torch.float64)
+    ancestors = torch.arange(k).expand(groups, k)
     ancestors = torch.where(resampled[:, None], systematic_resample(log_weights, uniforms), ancestors)
-    rows = _permutation(ancestors)
+    rows = _permutation(ancestors).to(x.device)
     ranking = torch.gather(log_weights, 1, ancestors)
     log_weights = torch.where(resampled[:, None], torch.zeros_like(log_weights), log_weights)
     return x[rows], denoised[rows], log_weights, ranking
@@ -351,7 +351,9 @@ def sample_fkc(
     noise_fn = noise_fn or seeded_noise(seed)
     generator = generator or resample_generator(seed)
     groups = x.shape[0] // k
-    log_weights = x.new_zeros((groups, k), dtype=torch.float64)
+    # Weights live on the CPU in float64: a [B, K] array (one sync a step, which the ESS report needs anyway), and
+    # devices without float64 (MPS, DirectML) run the model as usual.
+    log_weights = torch.zeros((groups, k), dtype=torch.float64)
     ranking = log_weights.clone()
     steps: list[StepReport] = []
     sigma_row = x.new_ones([x.shape[0]])
@@ -364,14 +366,14 @@ def sample_fkc(
         denoised = target_denoised(pred, x, sigma, flow)
         if sigma_next > 0:
             increment = log_weight_increment(pred, x, sigma, sigma_next, flow, options.exact_in_snr, weight_mask)
-            increment = _group_view(increment.to(torch.float64), k)
+            increment = _group_view(increment.to("cpu", torch.float64), k)
             increment = increment - increment.mean(dim=1, keepdim=True)  # a constant per group changes nothing
             if options.increment_clamp > 0:
                 increment = increment.clamp(-options.increment_clamp, options.increment_clamp)
             log_weights = log_weights + increment
             ranking = log_weights.clone()
         ess = effective_sample_size(log_weights)
-        resampled = torch.zeros(groups, dtype=torch.bool, device=x.device)
+        resampled = torch.zeros(groups, dtype=torch.bool)
         if k > 1 and sigma_next > 0 and options.resample_sigma_min <= float(sigma) <= options.resample_sigma_max:
             resampled = ess < options.ess_threshold * k if options.resample == "ess" else ~resampled
         if resampled.any():
@@ -398,7 +400,7 @@ def select_output(result: FKCResult, mode: OutputMode, generator: torch.Generato
     if mode == "all":
         return per_particle.transpose(0, 1).reshape(result.x.shape)
     if mode == "best":
-        chosen = result.ranking.argmax(dim=1)
+        chosen = result.ranking.argmax(dim=1).to(result.x.device)
     elif mode == "sample":
         probs = torch.softmax(result.log_weights, dim=1).cpu()
         chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(result.x.device)
