@@ -1,10 +1,11 @@
 """Perturbed-Attention Guidance (Ahn et al. 2024) as pure torch: layer specs, identity attention, the combination.
 
 The perturbed prediction replaces chosen self-attention maps by the identity, so each image query sees only
-itself: the layer outputs its own value vector. In joint text+image attention (SD3 / Flux blocks, text tokens
-first) the image-to-image block becomes the identity while image queries still see the text tokens and
-text queries attend as usual, as diffusers' joint PAG processor does with its mask; computed directly here
-in O(L_img * L_txt) rather than through an L x L mask.
+itself: the layer outputs its own value vector. In joint text+image attention (text tokens first in SD3, Flux,
+Qwen-Image and AuraFlow blocks; image tokens first in HunyuanVideo and Mochi blocks) the image-to-image block
+becomes the identity while image queries still see the text tokens and text queries attend as usual, as
+diffusers' joint PAG processor does with its mask; computed directly here in O(L_img * L_txt) rather than
+through an L x L mask.
 """
 
 from __future__ import annotations
@@ -182,31 +183,43 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-def identity_attention(q: Tensor, k: Tensor, v: Tensor, text_tokens: int = 0, mask: Tensor | None = None) -> Tensor:
-    """Attention with the image-to-image map replaced by the identity. q, k, v: [B, heads, L, D], text first.
+def identity_attention(
+    q: Tensor, k: Tensor, v: Tensor, text_tokens: int = 0, mask: Tensor | None = None, text_first: bool = True
+) -> Tensor:
+    """Attention with the image-to-image map replaced by the identity. q, k, v: [B, heads, L, D].
 
-    text_tokens = 0: the output is v (each query attends to its own key only; a mask cannot change a softmax
-    over one key). Otherwise image query i attends to {text keys, key i} only, and text queries attend to all
-    keys as usual; the optional attention mask (see `additive_mask`) biases exactly those logits.
+    text_tokens = 0: self-attention; the output is v (each query attends to its own key only; a mask cannot change a
+    softmax over one key). Otherwise the sequence is joint text + image, the text_tokens text tokens first
+    (SD3, Flux, Qwen-Image, AuraFlow) or last (text_first=False: HunyuanVideo, Mochi): image query i attends to
+    {text keys, key i} only, and text queries attend to all keys as usual; the optional attention mask (see
+    `additive_mask`; a key-only mask [..., 1, L] applies to every query) biases exactly those logits.
     """
     if text_tokens == 0:
         return v
+    n = q.shape[2]
+    if not 0 < text_tokens < n:
+        raise ValueError(f"identity_attention: {text_tokens} text tokens in a joint sequence of {n}")
+    image_tokens = n - text_tokens
+    txt = slice(0, text_tokens) if text_first else slice(image_tokens, n)
+    img = slice(text_tokens, n) if text_first else slice(0, image_tokens)
     scale = q.shape[-1] ** -0.5
     bias = additive_mask(mask, torch.promote_types(q.dtype, torch.float32))
-    q_txt, q_img = q[:, :, :text_tokens], q[:, :, text_tokens:]
-    k_txt, k_img = k[:, :, :text_tokens], k[:, :, text_tokens:]
-    v_txt, v_img = v[:, :, :text_tokens], v[:, :, text_tokens:]
+    if bias is not None:  # expanding is free, and lets the slices below pick query rows of a key-only mask
+        bias = bias.expand(*bias.shape[:-2], n, n)
+    q_txt, q_img = q[:, :, txt], q[:, :, img]
+    k_txt, k_img = k[:, :, txt], k[:, :, img]
+    v_txt, v_img = v[:, :, txt], v[:, :, img]
     txt_logits = (q_txt @ k.transpose(-1, -2)) * scale
     img_logits = torch.cat([q_img @ k_txt.transpose(-1, -2), (q_img * k_img).sum(-1, keepdim=True)], dim=-1) * scale
     if bias is not None:
-        txt_logits = txt_logits + bias[..., :text_tokens, :]
-        img_bias = bias[..., text_tokens:, :text_tokens], bias[..., text_tokens:, text_tokens:].diagonal(0, -2, -1)
+        txt_logits = txt_logits + bias[..., txt, :]
+        img_bias = bias[..., img, txt], bias[..., img, img].diagonal(0, -2, -1)
         img_logits = img_logits + torch.cat([img_bias[0], img_bias[1].unsqueeze(-1)], dim=-1)
     softmax_dtype = torch.promote_types(img_logits.dtype, torch.float32)
     out_txt = torch.softmax(txt_logits, dim=-1, dtype=softmax_dtype).to(v.dtype) @ v
     weights = torch.softmax(img_logits, dim=-1, dtype=softmax_dtype).to(v.dtype)
     out_img = weights[..., :text_tokens] @ v_txt + weights[..., text_tokens:] * v_img
-    return torch.cat([out_txt, out_img], dim=2)
+    return torch.cat([out_txt, out_img] if text_first else [out_img, out_txt], dim=2)
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

@@ -6,7 +6,9 @@ How it hooks ComfyUI (all on a clone; other packs' patches are chained, never dr
   transformer_options[PERTURBED_LABEL];
 - UNets: an attn1 replace on the chosen blocks returns V for rows of that chunk;
 - DiTs: a `dit` block replace marks the chosen blocks, and an optimized_attention override makes the first
-  attention inside a marked block the identity for those rows (honouring the attention mask);
+  attention inside a marked block the identity for those rows (honouring the attention mask). That call is the
+  block's self-attention, or its joint text + image attention with the text first or last (Architecture.joint_layout),
+  whose text length the joint (double) blocks' inputs give;
 - CFGGuider (KSampler, CFGGuider, BasicGuider): a post-CFG function adds s_t (D_cond - D_pert) to the guided
   result; guiders with their own predict_noise (DualCFG, PerpNeg, ...): a PREDICT_NOISE wrapper adds
   s_t (D_positive - D_pert) to the guider's result, with its "positive" conditioning (DualCFG's cond1) perturbed.
@@ -45,7 +47,6 @@ GUIDER_STEP = "trajectory_lab.pag_guider_step"  # model_options entry while a gu
 PERTURBED_LABEL = "trajectory_lab.pag_label"  # transformer_options entry: the perturbed chunk's cond_or_uncond label
 ACTIVE_BLOCK = "trajectory_lab.pag_block"  # transformer_options entry while a chosen DiT block runs
 TEXT_TOKENS = "trajectory_lab.pag_text_tokens"  # transformer_options entry: text length, recorded by double blocks
-AUTO_DIT_BLOCK = 1  # "auto" on DiTs: block 1 of the main stack (diffusers' SD3 default), or 0 if there is one
 
 
 def resolve_unet_layers(arch: Architecture, spec: str) -> list[UNetLayer]:
@@ -63,7 +64,8 @@ def resolve_dit_layers(arch: Architecture, spec: str) -> list[DiTLayer]:
     counts = arch.dit_blocks
     valid = ", ".join(f"{kind.split('_')[0]}0-{n - 1}" for kind, n in counts.items() if n)
     if spec.lower() in ("", "auto"):
-        return [DiTLayer("double_block", min(AUTO_DIT_BLOCK, counts["double_block"] - 1))]
+        # the architecture's auto block of the main stack, or its last block on a model with fewer
+        return [DiTLayer("double_block", min(arch.auto_block, counts["double_block"] - 1))]
     dit_layers = parse_dit_layers(spec)
     for layer in dit_layers:
         if layer.index >= counts.get(layer.kind, 0):
@@ -147,17 +149,25 @@ def _unet_attn1(previous):
     return attn1
 
 
-def _dit_block(previous, text_first: bool):
+def _joint_text_tokens(args) -> int:
+    """The text tokens a joint block's attention sees: all of args["txt"], except on Mochi, whose blocks attend only
+    to the first args["num_tokens"] of them (the prompt's unpadded tokens)."""
+    tokens = args["txt"].shape[1]
+    return min(tokens, int(args["num_tokens"])) if "num_tokens" in args else tokens
+
+
+def _dit_block(previous, joint_layout: str):
     """dit block replace: marks the block so the attention override perturbs its first attention call."""
+    joint = joint_layout != "none"
 
     def block(args, extra):
         options = args["transformer_options"]
-        if text_first and "txt" in args:  # a joint block: record the text length for the single blocks after it
-            options[TEXT_TOKENS] = args["txt"].shape[1]
-        text_tokens = options.get(TEXT_TOKENS) if text_first else 0
+        if joint and "txt" in args:  # a joint block: record the text length for the single blocks after it
+            options[TEXT_TOKENS] = _joint_text_tokens(args)
+        text_tokens = options.get(TEXT_TOKENS) if joint else 0
         if text_tokens is None:  # never guess: a wrong length would perturb text rows too
             raise RuntimeError("TL_PerturbedAttention: no double block recorded the text length before this block")
-        state = {"calls": 0, "text_tokens": text_tokens}
+        state = {"calls": 0, "text_tokens": text_tokens, "text_first": joint_layout == "text_first"}
         outer = options.get(ACTIVE_BLOCK)
         options[ACTIVE_BLOCK] = state
         try:
@@ -174,11 +184,11 @@ def _dit_block(previous, text_first: bool):
 
 
 def _record_text_tokens(previous):
-    """Replace for unselected double blocks when single blocks are selected: single blocks see [txt, img]
-    concatenated without a split, so the text length is taken from the double blocks' inputs."""
+    """Replace for unselected double blocks when single blocks are selected: single blocks see text and image
+    tokens concatenated without a split, so the text length is taken from the double blocks' inputs."""
 
     def block(args, extra):
-        args["transformer_options"][TEXT_TOKENS] = args["txt"].shape[1]
+        args["transformer_options"][TEXT_TOKENS] = _joint_text_tokens(args)
         return previous(args, extra) if previous is not None else extra["original_block"](args)
 
     block.tl_previous = previous  # type: ignore[attr-defined]
@@ -201,7 +211,8 @@ def _attention_override(previous):
         args, kwargs = args[:4], {**kwargs, "mask": args[4] if len(args) > 4 else kwargs.get("mask")}
         skip_reshape, skip_output_reshape = kwargs.get("skip_reshape", False), kwargs.get("skip_output_reshape", False)
         qh, kh, vh = (t[rows] if skip_reshape else split_heads(t[rows], heads) for t in (q, k, v))
-        perturbed = identity_attention(qh, kh, vh, state["text_tokens"], _rows_of(kwargs["mask"], rows))
+        mask = _rows_of(kwargs["mask"], rows)
+        perturbed = identity_attention(qh, kh, vh, state["text_tokens"], mask, text_first=state["text_first"])
         perturbed = perturbed if skip_output_reshape else merge_heads(perturbed)
         if rows.all():
             return perturbed
@@ -213,6 +224,11 @@ def _attention_override(previous):
 
     override.tl_previous = previous  # type: ignore[attr-defined]
     return override
+
+
+def _carries(cond: list, key: str | None) -> bool:
+    """Whether a conditioning (ComfyUI's processed list of cond dicts) gives the model the input `key`."""
+    return key is not None and any(key in c.get("model_conds", {}) for c in cond)
 
 
 def _ours(fn) -> bool:
@@ -254,11 +270,11 @@ def apply_perturbed_attention(
     else:
         selected = {(la.kind, la.index) for la in dit_layers}
         recorders = set()
-        if arch.text_first_joint and any(kind == "single_block" for kind, _ in selected):
+        if arch.joint_layout != "none" and any(kind == "single_block" for kind, _ in selected):
             recorders = {("double_block", i) for i in range(arch.dit_blocks["double_block"])} - selected
         for key in sorted(selected | recorders):
             previous = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(key)
-            patch = _dit_block(previous, arch.text_first_joint) if key in selected else _record_text_tokens(previous)
+            patch = _dit_block(previous, arch.joint_layout) if key in selected else _record_text_tokens(previous)
             m.set_model_patch_replace(patch, "dit", *key)
         options = m.model_options["transformer_options"] = dict(m.model_options["transformer_options"])
         options["optimized_attention_override"] = _attention_override(options.get("optimized_attention_override"))
@@ -281,7 +297,7 @@ def apply_perturbed_attention(
         label = len(conds)  # the perturbed chunk goes last, so ComfyUI labels its rows len(conds)
         transformer_options = {**model_options.get("transformer_options", {}), PERTURBED_LABEL: label}
         perturbed_options = {**model_options, "transformer_options": transformer_options}
-        if batched:
+        if batched and not _carries(conds[index], arch.solo_cond):
             out = executor(model_, [*conds, conds[index]], x_in, timestep, perturbed_options)
         else:
             out = executor(model_, conds, x_in, timestep, model_options)
@@ -358,12 +374,17 @@ class PerturbedAttention(io.ComfyNode):
             display_name="Perturbed-Attention Guidance (Trajectory Lab)",
             category="trajectory_lab/guidance",
             description=(
-                "Perturbed-Attention Guidance (Ahn et al. 2024) on SD1.x/SDXL UNets and SD3, Flux, Wan DiTs: "
+                "Perturbed-Attention Guidance (Ahn et al. 2024) on SD1.x/SDXL UNets and on SD3, Flux, Chroma, Wan, "
+                "Qwen-Image, HunyuanVideo, LTXV, AuraFlow and Mochi DiTs: "
                 "adds scale * (cond - perturbed cond), where the perturbed prediction replaces the chosen "
                 "self-attention maps by the identity. The perturbed pass rides in the same forward call as CFG."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A UNet (SD1.x, SDXL) or DiT (SD3, Flux, Wan) model to patch."),
+                io.Model.Input(
+                    "model",
+                    tooltip="A UNet (SD1.x, SDXL) or DiT (SD3, Flux, Chroma, Wan, Qwen-Image, "
+                    "HunyuanVideo, LTXV, AuraFlow, Mochi) model to patch.",
+                ),
                 io.Float.Input(
                     "scale",
                     default=3.0,
@@ -387,7 +408,7 @@ class PerturbedAttention(io.ComfyNode):
                 io.String.Input(
                     "layers",
                     default="auto",
-                    tooltip="auto = UNet middle block / DiT block 1. UNet: m0, u0.4, d2.2-9 "
+                    tooltip="auto = UNet middle block / DiT block 1 (LTXV: block 19). UNet: m0, u0.4, d2.2-9 "
                     "(input d, middle m, output u, counting only blocks with attention, as "
                     "sd-perturbed-attention does: SDXL d2 = input block 7; .t = transformer index). "
                     "DiT: double1, single0-3, block5.",

@@ -41,51 +41,68 @@ def test_layer_specs_parse():
         core.parse_dit_layers("m0")
 
 
-def masked_identity_reference(q, k, v, text_tokens, user_mask=None):
+def masked_identity_reference(q, k, v, text_tokens, user_mask=None, text_first=True):
     """Full attention with an additive mask: image-to-image block -inf except its diagonal (diffusers' joint PAG),
-    plus the model's own attention mask where there is one ([B, L, L] additive bias, as Flux passes it)."""
+    plus the model's own attention mask where there is one ([B, L, L] or key-only [B, 1, L] additive bias, as Flux
+    and HunyuanVideo pass them). Text tokens first, or last with text_first=False."""
     n = q.shape[2]
+    img = slice(text_tokens, n) if text_first else slice(0, n - text_tokens)
     mask = torch.zeros(n, n, dtype=q.dtype)
-    img = torch.full((n - text_tokens, n - text_tokens), float("-inf"), dtype=q.dtype).fill_diagonal_(0.0)
-    mask[text_tokens:, text_tokens:] = img
+    mask[img, img] = torch.full((n - text_tokens, n - text_tokens), float("-inf"), dtype=q.dtype).fill_diagonal_(0.0)
     if user_mask is not None:
-        mask = mask + user_mask.to(q.dtype).unsqueeze(1)  # [B, 1, L, L]: one bias for every head
+        mask = mask + user_mask.to(q.dtype).unsqueeze(1)  # [B, 1, L or 1, L]: one bias for every head
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def random_attention_bias(batch, n, text_tokens, seed=0):
-    """An additive attention bias [B, L, L] that hides text tokens 0-2 from every image query."""
+def random_attention_bias(batch, n, text_tokens, seed=0, text_first=True):
+    """An additive attention bias [B, L, L] that hides three text tokens from every image query."""
     bias = 2 * torch.randn(batch, n, n, generator=torch.Generator().manual_seed(seed))
-    bias[:, text_tokens:, :3] = float("-inf")
+    if text_first:
+        bias[:, text_tokens:, :3] = float("-inf")
+    else:
+        bias[:, : n - text_tokens, n - 3 :] = float("-inf")
     return bias
 
 
+ORDERS = pytest.mark.parametrize("text_first", [True, False], ids=["text first", "image first"])
+
+
+@ORDERS
 @pytest.mark.parametrize("text_tokens", [0, 1, 5])
-def test_identity_attention_matches_the_masked_reference(text_tokens):
+def test_identity_attention_matches_the_masked_reference(text_tokens, text_first):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    got = core.identity_attention(q, k, v, text_tokens)
-    torch.testing.assert_close(got, masked_identity_reference(q, k, v, text_tokens), rtol=1e-10, atol=1e-10)
+    got = core.identity_attention(q, k, v, text_tokens, text_first=text_first)
+    expected = masked_identity_reference(q, k, v, text_tokens, text_first=text_first)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("form", ["bias [B, L, L]", "bias [L, L]", "boolean [B, L, L]"])
-def test_identity_attention_honours_an_attention_mask(form):
+@ORDERS
+@pytest.mark.parametrize("form", ["bias [B, L, L]", "bias [L, L]", "boolean [B, L, L]", "key-only bias [B, 1, L]"])
+def test_identity_attention_honours_an_attention_mask(form, text_first):
     text_tokens, n = 5, 12
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    bias = random_attention_bias(2, n, text_tokens).double()
+    bias = random_attention_bias(2, n, text_tokens, text_first=text_first).double()
+    text = slice(0, text_tokens) if text_first else slice(n - text_tokens, n)
     if form == "bias [L, L]":
         bias = bias[:1].expand(2, n, n)
         mask = bias[0]
     elif form.startswith("boolean"):
         keep = torch.rand(2, n, n, generator=g) > 0.3
-        keep[:, :, 3] = True  # every query keeps one key: no row is fully masked
-        keep[:, text_tokens:, :3] = False
+        keep[:, :, 3 if text_first else n - text_tokens] = True  # a text key no bias hides: no row fully masked
+        keep[bias == float("-inf")] = False
         mask, bias = keep, torch.zeros(2, n, n, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    elif form.startswith("key-only"):  # HunyuanVideo's text padding mask: one row of key biases for every query
+        bias = torch.zeros(2, 1, n, dtype=torch.float64)
+        bias[:, :, text][:, :, -2:] = float("-inf")
+        bias[:, :, text] += torch.randn(2, 1, text_tokens, generator=g, dtype=torch.float64)
+        mask = bias
     else:
         mask = bias
-    got = core.identity_attention(q, k, v, text_tokens, mask)
-    torch.testing.assert_close(got, masked_identity_reference(q, k, v, text_tokens, bias), rtol=1e-10, atol=1e-10)
+    got = core.identity_attention(q, k, v, text_tokens, mask, text_first=text_first)
+    expected = masked_identity_reference(q, k, v, text_tokens, bias, text_first=text_first)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_adaptive_scale_and_rescale():
@@ -249,6 +266,135 @@ def test_flux_single_blocks_match_a_hand_computed_joint_reference(layers, masked
         got = sample(with_pag(model, scale=s, layers=layers, batched=batched), arch, steps=1, cfg=1.0,
                      positive=positive)  # fmt: skip
         assert rel_err(got, d_cond + s * (d_cond - d_pert)) < 1e-5
+
+
+# ---------------------------------------------------------------- further DiT families
+
+
+def sample_dit(model, name, steps=4, cfg=2.0, batch=1, positive=None):
+    """Like `sample`, for tiny_models.TINY_DITS; the negative is another prompt (Mochi's needs its text mask)."""
+    latent = torch.zeros(tiny_models.tiny_dit_latent_shape(name, batch))
+    positive = positive or tiny_models.tiny_dit_conditioning(name, 1)
+    negative = tiny_models.tiny_dit_conditioning(name, 2)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=0, disable_pbar=True
+    )
+
+
+def dit_replaces(model):
+    return set(model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}))
+
+
+@pytest.mark.parametrize("name", tiny_models.TINY_DITS)
+def test_further_dits_scale_zero_batched_and_auto(name):
+    """Qwen-Image, HunyuanVideo, LTXV, AuraFlow and Mochi: scale 0 is the plain model bit for bit, PAG changes the
+    output, batched equals unbatched with one call per step, and 'auto' is block 1 of the main stack."""
+    model = tiny_models.build_tiny_dit(name)
+    plain = sample_dit(model, name, batch=2)
+    assert torch.equal(sample_dit(with_pag(model, scale=0.0), name, batch=2), plain)
+    batched, batched_calls = count_calls(with_pag(model, batched=True))
+    separate, separate_calls = count_calls(with_pag(model, batched=False))
+    a, b = sample_dit(batched, name, batch=2), sample_dit(separate, name, batch=2)
+    assert rel_err(a, plain) > 1e-3
+    assert rel_err(a, b) < 1e-5  # float tolerance: only the batch composition differs
+    assert batched_calls == [6] * 4 and separate_calls == [4, 2] * 4
+    assert dit_replaces(batched) == {("double_block", 1)}  # LTXV's auto block 19 falls back to the tiny model's last
+
+
+class BlockProbe:
+    """Marks one network module as running through plain torch forward hooks (no ComfyUI patch involved)."""
+
+    def __init__(self, module):
+        self.inside = self.done = False
+        self.handles = [module.register_forward_pre_hook(self.enter), module.register_forward_hook(self.leave)]
+
+    def enter(self, *_):
+        self.inside, self.done = True, False
+
+    def leave(self, *_):
+        self.inside = False
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+FAMILY_REFERENCES = {  # name: (layers, perturbed module, text tokens its attention sees, text first, text mask)
+    "hunyuan_video double": ("double1", "double_blocks.1", tiny_models.TOKENS, False, False),
+    "hunyuan_video single": ("single1", "single_blocks.1", tiny_models.TOKENS, False, False),
+    "hunyuan_video masked": ("double1", "double_blocks.1", tiny_models.TOKENS, False, True),
+    "mochi": ("block1", "blocks.1", tiny_models.MOCHI_TEXT_TOKENS, False, False),  # the unpadded tokens only
+    "qwen_image": ("block1", "transformer_blocks.1", tiny_models.TOKENS, True, False),
+    "aura": ("single1", "single_layers.1", 8 + tiny_models.TOKENS, True, False),  # 8 register tokens lead the text
+    "ltxv": ("block1", "transformer_blocks.1", 0, True, False),  # self-attention: the layer outputs V
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_REFERENCES))
+def test_further_dits_match_a_hand_computed_reference_at_one_step(case):
+    """D = D_cond + s (D_cond - D_pert) at cfg 1, batched or not, with D_pert from an independent perturbation: a torch
+    forward hook marks the chosen block, and an attention override replaces the first attention inside it with
+    masked SDPA (image-to-image identity, text order and text length written out per family) on every row.
+    HunyuanVideo's text padding mask reaches attention as a key-only bias [1, 1, L] and applies to the perturbed
+    rows too; its forward cannot batch two masked rows, so batched PAG runs that conditioning's perturbed pass apart."""
+    name = case.split(" ")[0]
+    layers, module, text_tokens, text_first, masked = FAMILY_REFERENCES[case]
+    s = 2.0
+    model = tiny_models.build_tiny_dit(name)
+    positive = tiny_models.tiny_dit_conditioning(name, 1)
+    if masked:
+        padding = torch.ones(1, tiny_models.TOKENS, dtype=torch.long)
+        padding[:, -2:] = 0
+        positive = [[positive[0][0], {**positive[0][1], "attention_mask": padding}]]
+    probe = BlockProbe(model.model.diffusion_model.get_submodule(module))
+    masks = []
+
+    def override(func, q, k, v, heads, *args, **kwargs):
+        if not probe.inside or probe.done:
+            return func(q, k, v, heads, *args, **kwargs)
+        probe.done = True
+        mask = args[0] if args else kwargs.get("mask")
+        masks.append(mask)
+        if not kwargs.get("skip_reshape", False):  # [B, L, H * D] -> [B, H, L, D]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = masked_identity_reference(q, k, v, text_tokens, mask, text_first=text_first)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    hooked = model.clone()
+    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
+                                                   "optimized_attention_override": override}  # fmt: skip
+    try:
+        d_cond = sample_dit(model, name, steps=1, cfg=1.0, positive=positive)
+        d_pert = sample_dit(hooked, name, steps=1, cfg=1.0, positive=positive)
+    finally:
+        probe.remove()
+    assert probe.done and rel_err(d_pert, d_cond) > 1e-4  # the reference perturbed the block, and it mattered
+    assert (masks[0] is not None) == masked
+    for batched in (True, False):
+        got = sample_dit(with_pag(model, scale=s, layers=layers, batched=batched), name, steps=1, cfg=1.0,
+                         positive=positive)  # fmt: skip
+        assert rel_err(got, d_cond + s * (d_cond - d_pert)) < 1e-5
+    if masked:  # batched falls back to a separate perturbed call for that conditioning, and only for it
+        m, calls = count_calls(with_pag(model, scale=s, layers=layers))
+        sample_dit(m, name, steps=1, cfg=1.0, positive=positive)
+        assert calls == [1, 1]
+
+
+def meta_model(config_class, unet_config):
+    """A real-size ModelPatcher on the meta device (no memory, no weights): its block layout only."""
+    model = getattr(comfy.supported_models, config_class)(dict(unet_config)).get_model({}, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def test_auto_block_of_a_full_size_ltxv_is_19_and_hunyuan_dit_is_refused_with_the_reason():
+    # LTX-Video 2B as ComfyUI detects it: 28 blocks; 'auto' is block 19, its own STG "attention_values" block.
+    ltxv = meta_model("LTXV", {"image_model": "ltxv", "num_layers": 28, "attention_head_dim": 64,
+                               "cross_attention_dim": 2048})  # fmt: skip
+    assert dit_replaces(with_pag(ltxv)) == {("double_block", 19)}
+    hydit = meta_model("HunyuanDiT", {"image_model": "hydit", "depth": 2, "hidden_size": 64, "num_heads": 2})
+    with pytest.raises(ValueError, match="HunYuanDiT: ComfyUI calls its attention without transformer_options"):
+        with_pag(hydit)
 
 
 def test_window_runs_the_perturbed_pass_exactly_inside_it():

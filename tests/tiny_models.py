@@ -509,3 +509,153 @@ def tiny_arch_of(model_patcher) -> str:
         if cls_name == name:
             return arch
     raise ValueError(f"not a tiny-model MODEL (config {name}); expected one of {ARCHS}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny DiTs of further families (Qwen-Image, HunyuanVideo, LTXV, AuraFlow, Mochi)
+# ---------------------------------------------------------------------------------------------------------
+
+# name -> (supported_models config class, tiny unet_config). Every one has TOKENS text tokens of width 32, two heads
+# of width 32 and two blocks per stack, so block 1 exists in each stack.
+TINY_DIT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen_image": (
+        "QwenImage",
+        {
+            "image_model": "qwen_image",
+            "patch_size": 2,
+            "in_channels": 64,  # 16 latent channels x a 2x2 patch
+            "out_channels": 16,
+            "num_layers": 2,
+            "attention_head_dim": 32,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "axes_dims_rope": (8, 12, 12),  # sums to the head width
+        },
+    ),
+    "hunyuan_video": (
+        "HunyuanVideo",
+        {
+            "image_model": "hunyuan_video",
+            "in_channels": 16,
+            "out_channels": 16,
+            "vec_in_dim": POOLED_DIM,
+            "context_in_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 4.0,
+            "num_heads": 2,
+            "depth": 2,
+            "depth_single_blocks": 2,
+            "axes_dim": [8, 12, 12],
+            "theta": 256,
+            "patch_size": [1, 2, 2],
+            "qkv_bias": True,
+            "guidance_embed": True,
+            "byt5": False,
+            "meanflow": False,
+            "use_cond_type_embedding": False,
+            "vision_in_dim": None,
+        },
+    ),
+    "ltxv": (
+        "LTXV",
+        {
+            "image_model": "ltxv",
+            "in_channels": 128,  # LTXV's latent format has 128 channels; its patchifier takes one voxel per token
+            "cross_attention_dim": 64,  # the caption projection maps text to the model width
+            "attention_head_dim": 32,
+            "num_attention_heads": 2,
+            "caption_channels": 32,
+            "num_layers": 2,
+        },
+    ),
+    "aura": (
+        "AuraFlow",
+        {
+            "in_channels": 4,
+            "out_channels": 4,
+            "patch_size": 2,
+            "dim": 64,
+            "n_layers": 4,
+            "n_double_layers": 2,
+            "n_heads": 2,
+            "global_conddim": 64,
+            "cond_seq_dim": 32,
+            "max_seq": 16,  # a 4x4 grid of learned positions: an 8x8 latent in 2x2 patches
+        },
+    ),
+    "mochi": (
+        "GenmoMochi",
+        {
+            "image_model": "mochi_preview",
+            "depth": 2,
+            "patch_size": 2,
+            "num_heads": 2,
+            "hidden_size_x": 64,
+            "hidden_size_y": 32,  # text stream narrower than the image stream, as in Mochi
+            "mlp_ratio_x": 12288 / 64,  # ComfyUI's Mochi block asserts Mochi's image MLP width, 12288, at any size
+            "mlp_ratio_y": 2.0,
+            "learn_sigma": False,
+            "in_channels": 12,
+            "qk_norm": True,
+            "qkv_bias": False,
+            "out_bias": True,
+            "attn_drop": 0.0,
+            "patch_embed_bias": True,
+            "posenc_preserve_area": True,
+            "timestep_mlp_bias": True,
+            "attend_to_padding": False,
+            "timestep_scale": 1000.0,
+            "use_t5": True,
+            "t5_feat_dim": 32,
+            "t5_token_length": TOKENS,
+            "rope_theta": 10000.0,
+        },
+    ),
+}
+TINY_DITS = tuple(TINY_DIT_CONFIGS)
+MOCHI_TEXT_TOKENS = TOKENS - 2  # the Mochi conditioning's attention mask marks its last two tokens as padding
+
+# Parameters that ComfyUI allocates with torch.empty and fills from a checkpoint, drawn small like biases.
+_DIT_EMPTY_TENSORS = ("pos_embed",)
+
+
+def build_tiny_dit(name: str, seed: int = 0):
+    """A fresh ModelPatcher over the real BaseModel of `name` (one of TINY_DITS), float32, seeded weights.
+
+    Not cached: a handful of tests use these, each builds its model once and clones it.
+    """
+    if name not in TINY_DIT_CONFIGS:
+        raise ValueError(f"unknown tiny DiT {name!r}; expected one of {TINY_DITS}")
+    import comfy.supported_models
+
+    class_name, unet = TINY_DIT_CONFIGS[name]
+    config = getattr(comfy.supported_models, class_name)(dict(unet))
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode(False), torch.no_grad():
+        model = config.get_model({})
+        fill_seeded_(model.diffusion_model, seed, _DIT_EMPTY_TENSORS)
+    return _new_patcher(model)
+
+
+def tiny_dit_conditioning(name: str, seed: int = 0) -> list:
+    """CONDITIONING for a tiny DiT: cross-attn [1, TOKENS, 32], plus what the family's model_base reads
+    (HunyuanVideo: a pooled vector; LTXV: a text attention mask; Mochi: one too, which sets its text length)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    extras: dict[str, Any] = {}
+    cross_attn = torch.randn(1, TOKENS, 32, generator=gen)
+    if name == "hunyuan_video":
+        extras["pooled_output"] = torch.randn(1, POOLED_DIM, generator=gen)
+    if name == "ltxv":  # LTXV's forward takes the text mask as a required argument
+        extras["attention_mask"] = torch.ones(1, TOKENS, dtype=torch.long)
+    if name == "mochi":
+        mask = torch.ones(1, TOKENS, dtype=torch.long)
+        mask[:, MOCHI_TEXT_TOKENS:] = 0
+        extras["attention_mask"] = mask
+    return [[cross_attn, extras]]
+
+
+def tiny_dit_latent_shape(name: str, batch: int = 1) -> tuple:
+    channels = {"qwen_image": 16, "hunyuan_video": 16, "ltxv": 128, "aura": 4, "mochi": 12}[name]
+    if name == "aura":  # image latent; the others are video latents [B, C, T, H, W]
+        return (batch, channels, 8, 8)
+    return (batch, channels, 2, 8, 8) if name in ("hunyuan_video", "mochi", "ltxv") else (batch, channels, 1, 8, 8)
