@@ -264,9 +264,7 @@ def pag_section() -> str:
             )
         return func(q, k, v, heads, **kwargs)
 
-    fhooked = flux.clone()
-    fhooked.model_options["transformer_options"] = {**fhooked.model_options["transformer_options"],
-                                                    "optimized_attention_override": override}  # fmt: skip
+    fhooked = tp.with_attention_override(flux, override)
     fd_cond = tp.sample(flux, "flux", steps=1, cfg=1.0, positive=fpos)
     fd_pert = tp.sample(fhooked, "flux", steps=1, cfg=1.0, positive=fpos)
     fgot = tp.sample(tp.with_pag(flux, scale=2.0), "flux", steps=1, cfg=1.0, positive=fpos)

@@ -142,6 +142,14 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def with_attention_override(model, override):
+    """A clone whose attention runs through `override` (ComfyUI's own hook; no PAG code): the hand references."""
+    hooked = model.clone()
+    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
+                                                   "optimized_attention_override": override}  # fmt: skip
+    return hooked
+
+
 def middle_block_returns_v(model):
     """An independent perturbation of the SD1.5 'auto' layer: a plain attn1 replace on the middle block returning V."""
     hooked = model.clone()
@@ -221,9 +229,7 @@ def test_flux_matches_a_hand_computed_joint_reference_at_one_step():
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
         return func(q, k, v, heads, **kwargs)
 
-    hooked = model.clone()
-    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
-                                                   "optimized_attention_override": override}  # fmt: skip
+    hooked = with_attention_override(model, override)
     d_cond = sample(model, arch, steps=1, cfg=1.0, positive=positive)
     d_pert = sample(hooked, arch, steps=1, cfg=1.0, positive=positive)
     got = sample(with_pag(model, scale=s), arch, steps=1, cfg=1.0, positive=positive)
@@ -254,9 +260,7 @@ def test_flux_single_blocks_match_a_hand_computed_joint_reference(layers, masked
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
         return func(q, k, v, heads, **kwargs)
 
-    hooked = model.clone()
-    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
-                                                   "optimized_attention_override": override}  # fmt: skip
+    hooked = with_attention_override(model, override)
     d_cond = sample(model, arch, steps=1, cfg=1.0, positive=positive)
     d_pert = sample(hooked, arch, steps=1, cfg=1.0, positive=positive)
     if masked:  # the mask reaches the model and matters
@@ -361,9 +365,7 @@ def test_further_dits_match_a_hand_computed_reference_at_one_step(case):
         out = masked_identity_reference(q, k, v, text_tokens, mask, text_first=text_first)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
-    hooked = model.clone()
-    hooked.model_options["transformer_options"] = {**hooked.model_options["transformer_options"],
-                                                   "optimized_attention_override": override}  # fmt: skip
+    hooked = with_attention_override(model, override)
     try:
         d_cond = sample_dit(model, name, steps=1, cfg=1.0, positive=positive)
         d_pert = sample_dit(hooked, name, steps=1, cfg=1.0, positive=positive)
