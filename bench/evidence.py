@@ -1,12 +1,14 @@
 """Evidence: what each technique buys, measured against its baseline in one run; writes docs/EVIDENCE.md.
 
-Usage: .venv/bin/python bench/evidence.py [--sections exact,speed,quality] [--repeats N] [--seeds N]
+Usage: .venv/bin/python bench/evidence.py [--sections exact,speed,quality,compute] [--repeats N] [--seeds N]
                                          [--experiments pag,tstitch,...] [--out PATH]
 
 exact:   the figures the tests assert on analytic models (bench/evidence_exact.py), beside the papers' numbers.
 speed:   the CPU speed benchmarks (bench/*_speed.py) called as functions, at reduced sizes and repeats, as ratios.
 quality: the demo world (bench/quality.py): attribute accuracy, Fréchet distance in the demo classifier's feature
          space and Vendi score over several seeds; rows whose demo model is missing say "pending demo models".
+compute: floating-point operations of the full-size networks, counted on the meta device (bench/flops.py): the
+         cost ratios at full size that a compute-bound GPU run approaches (not wall time).
 The GPU figures come from bench/gpu_evidence.py on a GPU machine (see bench/README.md); their file is linked.
 About 10 minutes on 2 CPU cores. Not part of the test suite.
 """
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, environment_line, start_comfyui, write_atomically  # noqa: E402
 
-SECTIONS = ("exact", "speed", "quality")
+SECTIONS = ("exact", "speed", "quality", "compute")
 GPU_RESULT = REPO / "docs" / "EVIDENCE_GPU.md"
 
 
@@ -179,7 +181,8 @@ CPU_MISS_CAUSES = {
     "FKC": "runs of a few hundred ms on a shared CPU: the ratio moves by more than 5% from run to run "
     "(docs/FKC_SPEED.md: 1.03× and 0.99× on a quiet machine); the weights add O(particles) work per step",
     "Multi-text video": "tiny models: one VAE decode + encode costs several whole sampling runs; at full size the "
-    "model dominates (about 1.25–1.5× estimated in docs/MULTITEXT_VIDEO_SPEED.md), to be measured by gpu_evidence.py",
+    "model dominates: counted, a continuing Wan-1.3B segment is 1.56× plain (1.31× with half the inversion steps; "
+    "section 4), wall time to be measured by gpu_evidence.py",
     "c-VSG": "median of few repeats on a shared CPU; with more repeats docs/VENDI_SPEED.md measured 1.37 → 1.41 ms",
 }
 
@@ -221,8 +224,9 @@ def document(parts: dict[str, str], checks, seconds: float, args) -> str:
         "exact": "## 1. Exactness on analytic models",
         "quality": "## 2. Quality on the demo world",
         "speed": "## 3. Speed on CPU (ratios within one run)",
+        "compute": "## 4. Compute at full size (operations counted, not timed)",
     }
-    for key in ("exact", "quality", "speed"):
+    for key in ("exact", "quality", "speed", "compute"):
         if key in parts:
             lines += [titles[key], "", parts[key]]
     return "\n".join(lines).rstrip() + "\n"
@@ -230,7 +234,7 @@ def document(parts: dict[str, str], checks, seconds: float, args) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: exact, speed, quality")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per speed variant (after a warm-up)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per quality row")
     parser.add_argument("--experiments", default="", help="quality experiments to run, comma-separated (default all)")
@@ -258,6 +262,10 @@ def main() -> int:
         parts["quality"] = quality.quality_section(args.seeds, names=experiments)
     if "speed" in args.sections:
         parts["speed"], checks = speed("cpu", args.repeats)
+    if "compute" in args.sections:
+        import flops
+
+        parts["compute"] = flops.section()
     write_atomically(args.out, document(parts, checks, time.perf_counter() - started, args))
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -121,10 +121,10 @@ def bench(device: str, repeats: int, variants=tuple(VARIANTS)) -> tuple[str, dic
 
 CPU_NOTE = [
     "On these tiny models one VAE pass costs several whole sampling runs, so the VAE dominates the default; at "
-    "full size the model does. From the measured Wan-1.3B-size forward at 480x832 x 33 frames on an H200 (151 ms "
-    "at batch 1, 308 ms at batch 2, CFG; docs of the host), a continuing segment's unconditional inversion adds "
-    "about 151 / 308 = 0.49x of plain per inversion step per sampling step: about 1.5x before the VAE, 1.25x with "
-    "inversion_steps = steps / 2 (an estimate, not measured here: no GPU in this run).",
+    "full size the model does. Counted at full size (bench/flops.py: Wan 2.1 1.3B at 480x832 x 33 frames, 20 "
+    "steps; operations, not time), a continuing segment costs 1.56x plain by default and 1.31x with "
+    "inversion_steps = steps / 2: the unconditional inversion adds half a CFG call per step and one VAE decode + "
+    "encode about 1.2 CFG calls. GPU wall time: bench/gpu_evidence.py.",
     "",
 ]
 
