@@ -265,7 +265,8 @@ class FlowTurboSampler(io.ComfyNode):
                     "compile_refiner",
                     default=False,
                     optional=True,
-                    tooltip="torch.compile the refiner (worth it on GPUs; slow to start on CPU).",
+                    tooltip="torch.compile the refiner (worth it on GPUs; slow to start on CPU). Compile the model "
+                    "itself with ComfyUI's TorchCompileModel.",
                 ),
             ],  # fmt: skip
             outputs=[io.Sampler.Output()],

@@ -5,6 +5,7 @@ import logging
 import sys
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import numpy as np
@@ -544,3 +545,30 @@ def test_compiled_refiner_matches_the_eager_one():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert not torch.equal(eager, sample_with(model, flowturbo(1, 0), 6, cond, latent))  # the refiner acts
     assert torch.equal(run(True), compiled)  # reused, deterministic
+
+
+def test_a_model_compiled_by_comfyui_runs_the_heun_and_pseudo_corrector_steps():
+    """The H and P blocks' cost is the model: ComfyUI's own TorchCompileModel wrapper (set_torch_compile_wrapper,
+    here with the aot_eager backend for CPU speed) compiles it, and FlowTurbo runs through it to float tolerance of
+    the eager model, with every model call going through the compiled module."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model = tiny_models.build_tiny_model("flux")
+    cond = tiny_models.tiny_conditioning("flux", 1)
+    latent = torch.zeros(tiny_models.latent_shape("flux", 2))
+    compiled_model = model.clone()
+    set_torch_compile_wrapper(compiled_model, backend="aot_eager")
+    calls = []
+    compiled_model.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.count",
+        lambda executor, *args, **kwargs: calls.append(1) or executor(*args, **kwargs),
+    )  # fmt: skip
+    from torch._dynamo.utils import counters
+
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        eager = sample_with(model, flowturbo(2, 0), 6, cond, latent)
+        counters.clear()
+        compiled = sample_with(compiled_model, flowturbo(2, 0), 6, cond, latent)
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really captured the network
+    assert len(calls) == 2 * 2 + 4  # H2: two calls a step, P4: one
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
