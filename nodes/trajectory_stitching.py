@@ -9,7 +9,10 @@ ComfyUI's model management loads and cleans them up with it) and two keyed wrapp
   own predict_noise, such as TL_FKCGuider, runs it with the earlier model put in place; what the
   sampler added to the run's model options, e.g. a CFG++ hook, reaches every model).
 Each model can have its own conditioning and cfg (a different text encoder); otherwise it takes the sampler's. Before
-the first step, conditioning whose width does not fit a UNet is refused with the model's name.
+the first step, conditioning whose width does not fit a UNet is refused with the model's name. An earlier model's
+conditioning is prepared as ComfyUI prepares the sampler's: its ControlNets loaded with that model and cleaned up after
+the run, its hooks (a LoRA hook) registered on that model. Hooks on the last model's own conditioning are refused:
+ComfyUI registers hooks from the sampler's conditioning before any wrapper runs.
 With history = "restart" the OUTER_SAMPLE wrapper also hands the sampler a copy that runs its sampler function once
 per model segment (one noise sampler for the whole run), so a multistep solver starts afresh at each switch.
 At a switch the earlier models are released from ComfyUI's model management when the next model is not fully
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import comfy.hooks
 import comfy.k_diffusion.sampling
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
@@ -63,6 +67,7 @@ class StageRun:
     model_options: dict
     cfg: float
     memory: tuple[float, float]  # (memory_required, minimum_memory_required) for a reload at a switch
+    extra: list  # what its conditioning needs loaded with it: control models, GLIGEN, hook models
 
 
 @dataclass
@@ -70,14 +75,19 @@ class StitchRun:
     earlier: list[StageRun]
     last: Any  # the guider's own ModelPatcher: the last model of the chain
     last_memory: tuple[float, float]
+    last_extra: list
     thresholds: list[float]
     current: int = 0  # the chain position of the latest call
+    routed: int | None = None  # the chain position of the previous call
 
     def patcher(self, index: int):
         return self.last if index == len(self.earlier) else self.earlier[index].model
 
     def memory(self, index: int) -> tuple[float, float]:
         return self.last_memory if index == len(self.earlier) else self.earlier[index].memory
+
+    def extra(self, index: int) -> list:
+        return self.last_extra if index == len(self.earlier) else self.earlier[index].extra
 
 
 def check_same_space(models: dict[str, object]) -> None:
@@ -150,6 +160,22 @@ def latent_in(model, latent_image):
     return model.process_latent_in(latent_image) if latent_image.count_nonzero() > 0 else latent_image
 
 
+def has_hooks(conditioning) -> bool:
+    """Whether CONDITIONING carries hooks (a LoRA hook set on it, or a ControlNet's extra hooks)."""
+    found = comfy.sampler_helpers.get_hooks_from_cond(comfy.sampler_helpers.convert_cond(conditioning),
+                                                      comfy.hooks.HookGroup())  # fmt: skip
+    return len(found) > 0
+
+
+def stage_requirements(patcher, noise_shape, conds: dict, model_options: dict) -> tuple[tuple[float, float], list]:
+    """What loading a model for these (unprocessed) conds takes, as ComfyUI's prepare_sampling counts it: the memory
+    (with the control models' inference memory) and the additional models to load with it."""
+    extra, inference = comfy.sampler_helpers.get_additional_models(conds, patcher.model_dtype())
+    extra += comfy.sampler_helpers.get_additional_models_from_model_options(model_options)
+    memory, minimum = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+    return (memory + inference, minimum + inference), extra
+
+
 def replaced_argument(signature: inspect.Signature, args: tuple, kwargs: dict, name: str, value):
     """(args, kwargs) of a call with one argument replaced, in the form it was passed (by position or by name)."""
     if name in kwargs:
@@ -180,6 +206,11 @@ def stitch_models(
     names, chain = list(models), list(models.values())
     own = list(conditioning) + [None] * (len(models) - len(conditioning))
     earlier_own, last_own = own[:-1], own[-1]
+    if last_own is not None and (has_hooks(last_own.positive) or has_hooks(last_own.negative)):
+        # ComfyUI registers conditioning hooks before any wrapper of ours runs, from the sampler's conditioning.
+        raise ValueError(f"{names[-1]}: its own conditioning carries hooks (e.g. a LoRA hook set on the "
+                         "conditioning), which only the sampler's conditioning can bring to the last model; connect "
+                         "it to the sampler's positive/negative instead")  # fmt: skip
     stitched = chain[-1].clone()
     stitched.set_additional_models(WRAPPER_KEY, [m.clone() for m in chain[:-1]])
     large_sampling = stitched.get_model_object("model_sampling")
@@ -205,30 +236,40 @@ def stitch_models(
                        "latent_shapes": run_args.get("latent_shapes")}  # fmt: skip
         sampler_cfg = guider.cfg
         stage_models = guider.model_patcher.get_additional_models_with_key(WRAPPER_KEY)
-        runs = []
-        for name, m, cond in zip(names[:-1], stage_models, earlier_own, strict=True):
-            if cond is None:
-                raw = {k: [c.copy() for c in v] for k, v in guider.original_conds.items()}
-            else:
-                raw = {"positive": comfy.sampler_helpers.convert_cond(cond.positive),
-                       "negative": comfy.sampler_helpers.convert_cond(cond.negative)}  # fmt: skip
-            memory = comfy.sampler_helpers.estimate_memory(m, noise.shape, raw)
-            options = comfy.model_patcher.create_model_options_clone(m.model_options)
-            comfy.sampler_helpers.prepare_model_patcher(m, raw, options)
-            latent = latent_in(m.model, latent_image)
-            conds = comfy.samplers.process_conds(m.model, noise, raw, device, latent, **encode_args)
-            check_conditioning(name, m.model, conds)
-            options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-            runs.append(StageRun(m, conds, options, sampler_cfg if cond is None else cond.cfg, memory))
-        if switch_by == "steps":
-            thresholds = step_thresholds(sigmas.tolist(), fractions)
-        else:
-            thresholds = sigma_thresholds
-        if history == "restart":
-            sampler = restarting_sampler(run_args["sampler"], segment_bounds(sigmas.tolist(), thresholds))
-            args, kwargs = replaced_argument(signature, args, kwargs, "sampler", sampler)
+        runs: list[StageRun] = []
+        prepared = []  # (model, its hook mode, options, conds) of every earlier model touched, for the cleanup
         saved = guider.conds, guider.cfg
         try:
+            for name, m, cond in zip(names[:-1], stage_models, earlier_own, strict=True):
+                if cond is None:
+                    raw = {k: [c.copy() for c in v] for k, v in guider.original_conds.items()}
+                else:
+                    raw = {"positive": comfy.sampler_helpers.convert_cond(cond.positive),
+                           "negative": comfy.sampler_helpers.convert_cond(cond.negative)}  # fmt: skip
+                # As CFGGuider.sample and outer_sample prepare the sampler's conditioning: its hooks registered on
+                # this model, its control models loaded with it (ensure_loaded) and cleaned up after the run.
+                comfy.samplers.preprocess_conds_hooks(raw)
+                options = comfy.model_patcher.create_model_options_clone(m.model_options)
+                prepared.append((m, m.hook_mode, options, raw))
+                if comfy.samplers.get_total_hook_groups_in_conds(raw) <= 1:
+                    m.hook_mode = comfy.hooks.EnumHookMode.MinVram
+                comfy.sampler_helpers.prepare_model_patcher(m, raw, options)
+                comfy.samplers.filter_registered_hooks_on_conds(raw, options)
+                memory, extra = stage_requirements(m, noise.shape, raw, options)
+                comfy.samplers.cast_to_load_options(options, device=device, dtype=m.model_dtype())
+                latent = latent_in(m.model, latent_image)
+                conds = comfy.samplers.process_conds(m.model, noise, raw, device, latent, **encode_args)
+                check_conditioning(name, m.model, conds)
+                options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+                cfg = sampler_cfg if cond is None else cond.cfg
+                runs.append(StageRun(m, conds, options, cfg, memory, extra))
+            if switch_by == "steps":
+                thresholds = step_thresholds(sigmas.tolist(), fractions)
+            else:
+                thresholds = sigma_thresholds
+            if history == "restart":
+                sampler = restarting_sampler(run_args["sampler"], segment_bounds(sigmas.tolist(), thresholds))
+                args, kwargs = replaced_argument(signature, args, kwargs, "sampler", sampler)
             if last_own is not None:
                 # The last model's own conditioning takes the sampler's place for this run, before outer_sample,
                 # so ComfyUI prepares it (control models loaded, conds processed) as if the sampler had it.
@@ -236,24 +277,38 @@ def stitch_models(
                                 "negative": comfy.sampler_helpers.convert_cond(last_own.negative)}  # fmt: skip
                 guider.cfg = last_own.cfg
             check_last_model(names[-1], guider, noise, device, latent_image, encode_args)
-            memory = comfy.sampler_helpers.estimate_memory(guider.model_patcher, noise.shape, guider.conds)
-            guider.model_options[RUN_KEY] = StitchRun(runs, guider.model_patcher, memory, thresholds)
+            memory, extra = stage_requirements(guider.model_patcher, noise.shape, guider.conds, guider.model_options)
+            guider.model_options[RUN_KEY] = StitchRun(runs, guider.model_patcher, memory, extra, thresholds)
             for run in runs:
                 run.model.pre_run()
             return executor(*args, **kwargs)
         finally:
             guider.model_options.pop(RUN_KEY, None)
             guider.conds, guider.cfg = saved
+            for m, hook_mode, options, conds in prepared:
+                m.cleanup()
+                m.hook_mode = hook_mode
+                m.restore_hook_patches()
+                comfy.samplers.cast_to_load_options(options, device=m.offload_device)
+                comfy.sampler_helpers.cleanup_models(conds, [])  # the control objects: hint, range, sampling
             for run in runs:
-                run.model.cleanup()
+                comfy.sampler_helpers.cleanup_additional_models(run.extra)
 
     def route(executor, x, timestep, model_options, seed):
         state: StitchRun = model_options[RUN_KEY]
         index = model_index(float(timestep.flatten()[0]), state.thresholds)
+        if state.routed is not None and state.routed != index:
+            # Hook weights (a LoRA hook on one model's conditioning) off the network before another model uses it:
+            # two models can share one network, which each ModelPatcher patches in place.
+            state.patcher(state.routed).unpatch_hooks()
+        state.routed = index
         if index > state.current:
             state.current = index
             release_earlier(state, release)
-        ensure_loaded(state.patcher(index), state.memory(index))
+        patcher = state.patcher(index)
+        ensure_loaded(patcher, state.memory(index), state.extra(index))
+        if hasattr(patcher.model, "current_patcher"):
+            patcher.model.current_patcher = patcher  # whose hooks the network's calls apply, when it is shared
         if index == len(state.earlier):
             return executor(x, timestep, model_options, seed)
         run = state.earlier[index]
@@ -373,31 +428,34 @@ def release_earlier(state: StitchRun, release: str) -> None:
     current model is not fully loaded: VRAM is short) and give the current model the room. A network shared with a
     later stage (one checkpoint with and without a LoRA) is never unloaded."""
     current = state.patcher(state.current)
-    later_networks = [state.patcher(i).model for i in range(state.current, len(state.earlier) + 1)]
+    later = range(state.current, len(state.earlier) + 1)
+    later_networks = [p.model for i in later for p in (state.patcher(i), *state.extra(i))]
     short = current.loaded_size() < current.model_size()
     for i in range(state.current):
-        patcher = state.patcher(i)
-        entry = loaded_entry(patcher)
-        if entry is None:
-            continue
-        entry.currently_used = False  # bookkeeping: no longer required by this run
-        if (release == "always" or short) and all(patcher.model is not n for n in later_networks):
-            if entry.model_unload():
-                comfy.model_management.current_loaded_models.remove(entry)
+        for patcher in (state.patcher(i), *state.extra(i)):  # the model and its control models
+            entry = loaded_entry(patcher)
+            if entry is None:
+                continue
+            entry.currently_used = False  # bookkeeping: no longer required by this run
+            if (release == "always" or short) and all(patcher.model is not n for n in later_networks):
+                if entry.model_unload():
+                    comfy.model_management.current_loaded_models.remove(entry)
     if short:
         memory_required, minimum = state.memory(state.current)
-        comfy.model_management.load_models_gpu([current], memory_required=memory_required,
+        comfy.model_management.load_models_gpu([current, *state.extra(state.current)],
+                                               memory_required=memory_required,
                                                minimum_memory_required=minimum)  # fmt: skip
 
 
-def ensure_loaded(patcher, memory: tuple[float, float]) -> None:
-    """Load a stage's weights when they are not on: released at an earlier switch, or two stages sharing one
+def ensure_loaded(patcher, memory: tuple[float, float], extra: Sequence = ()) -> None:
+    """Load a stage's weights, and the control models its conditioning needs, when they are not on: released at an
+    earlier switch, never loaded (a ControlNet on an earlier model's own conditioning), or two stages sharing one
     network with different weight patches (the same checkpoint with and without a LoRA). Then put its object patches
     in place, as its own load would."""
     current = getattr(patcher.model, "current_weight_patches_uuid", None)
     patched_by_other = current != patcher.patches_uuid and (current is not None or patcher.patches)
-    if patched_by_other or loaded_entry(patcher) is None:
-        comfy.model_management.load_models_gpu([patcher], memory_required=memory[0],
+    if patched_by_other or any(loaded_entry(p) is None for p in (patcher, *extra)):
+        comfy.model_management.load_models_gpu([patcher, *extra], memory_required=memory[0],
                                                minimum_memory_required=memory[1])  # fmt: skip
     apply_object_patches(patcher)
 

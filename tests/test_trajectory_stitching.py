@@ -657,3 +657,141 @@ def test_eps_models_with_different_sigma_ranges_are_refused():
     )
     with pytest.raises(ValueError, match=pattern):
         ts.TStitchModel.execute(zsnr, sd15, 0.4, "steps")
+
+
+# ---------------------------------------------------------------- ControlNets and hooks on a model's own conditioning
+
+
+def controlled(positive, negative, control_net, strength=1.0, end=1.0):
+    """positive/negative through ComfyUI's ControlNetApplyAdvanced with the tiny ControlNet and hint."""
+    import nodes
+
+    hint = tiny_models.tiny_hint_image(0)
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint, strength, 0.0, end)
+
+
+def lora_hook(seed=0):
+    """A HookGroup with one LoRA weight hook (the tiny LoRA), as ComfyUI's CreateHookModelAsLora builds one."""
+    import comfy.hooks
+
+    hook = comfy.hooks.WeightHook()
+    hook.weights, hook.need_weight_init = tiny_models.tiny_lora_patches("sd15", seed), False
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    return group
+
+
+def with_lora(model, seed=0):
+    patched = model.clone()
+    patched.add_patches(tiny_models.tiny_lora_patches("sd15", seed), 1.0)
+    return patched
+
+
+def guided(guider, steps=6):
+    latent = torch.zeros(tiny_models.latent_shape("sd15"))
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    return guider.sample(comfy.sample.prepare_noise(latent, 0), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                         seed=0, disable_pbar=True)  # fmt: skip
+
+
+def plain_guider(model, positive, negative, cfg=2.0):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def stitch_guider(small, large, small_conds, large_conds, r, switch_by="steps"):
+    return ts.TStitchGuider.execute(small, large, *small_conds, *large_conds, 2.0, 2.0, r, switch_by).result[0]
+
+
+def test_a_controlnet_on_an_earlier_models_conditioning_is_loaded_applied_and_cleaned_up():
+    """A ControlNet only on the small model's own conditioning: its control model is in ComfyUI's loaded list during
+    every small call (as for the sampler's own ControlNet; unloaded it would run off the GPU), its per-run state is
+    cleaned up after, and it acts on exactly the small model's steps."""
+    base = tiny_models.build_tiny_model("sd15")
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    negative = zero_negative(positive)
+    control_net = tiny_models.build_tiny_controlnet.__wrapped__(3)  # a control model nothing has loaded yet
+    cn_conds = controlled(positive, negative, control_net)
+    loaded = []
+
+    def probe(executor, *args, **kwargs):
+        loaded.append(ts.loaded_entry(control_net.control_model_wrapped) is not None)
+        return executor(*args, **kwargs)
+
+    small = base.clone()
+    small.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.cn", probe)
+    all_small = guided(stitch_guider(small, base, cn_conds, (positive, negative), 1.0))
+    assert loaded == [True] * 6
+    control = cn_conds[0][0][1]["control"]
+    assert control.cond_hint is None and control.timestep_range is None  # ControlBase.cleanup ran
+    assert torch.equal(all_small, guided(plain_guider(base, *cn_conds)))
+    chained = chain(base, base, switches=(1.0,), positive_1=cn_conds[0], negative_1=cn_conds[1], cfg_1=2.0)
+    assert torch.equal(guided(plain_guider(chained, positive, negative)), all_small)
+    # Switching by sigma at r: the small model runs exactly where a ControlNet ending at r is active.
+    ending = controlled(positive, negative, control_net, end=0.5)
+    half = guided(stitch_guider(base, base, cn_conds, (positive, negative), 0.5, "sigma"))
+    assert torch.equal(half, guided(plain_guider(base, *ending)))
+    no_control = guided(stitch_guider(base, base, (positive, negative), (positive, negative), 0.5, "sigma"))
+    assert not torch.equal(half, no_control)
+    zero = controlled(positive, negative, control_net, strength=0.0)
+    assert torch.equal(guided(stitch_guider(base, base, zero, (positive, negative), 0.5, "sigma")), no_control)
+    # release = always: the small model's control model goes with it at the switch.
+    loaded.clear()
+    large = base.clone()
+    large.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "tests.cn", probe)
+    node = ts.TStitchGuider.execute(small, large, *cn_conds, positive, negative, 2.0, 2.0, 0.5, "sigma", "carry",
+                                    "always")  # fmt: skip
+    assert torch.equal(guided(node.result[0]), half)
+    assert loaded == [True] * 3 + [False] * 3
+
+
+def test_a_controlnet_on_the_last_models_own_conditioning_is_plain_sampling_with_it():
+    base = tiny_models.build_tiny_model("sd15")
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    cn_conds = controlled(positive, zero_negative(positive), tiny_models.build_tiny_controlnet(0))
+    unused = tiny_models.tiny_conditioning("sd15", 11)
+    chained = chain(base, base, switches=(0.0,), positive_2=cn_conds[0], negative_2=cn_conds[1], cfg_2=2.0)
+    expected = guided(plain_guider(base, *cn_conds))
+    assert torch.equal(guided(plain_guider(chained, unused, unused, 9.0)), expected)
+    assert torch.equal(guided(stitch_guider(base, base, cn_conds, cn_conds, 0.5)), expected)
+
+
+def test_a_lora_hook_on_an_earlier_models_conditioning_acts_on_its_steps_only():
+    """A LoRA hook on the small model's own conditioning is the LoRA on the small model, whether the two models share
+    one network (where the hook's weights must come off before the large model's steps) or not."""
+    import comfy.hooks
+
+    base, other = tiny_models.build_tiny_model("sd15"), tiny_models.build_tiny_model("sd15", seed=5)
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    negative = zero_negative(positive)
+    hooked = tuple(comfy.hooks.set_hooks_for_conditioning(c, lora_hook()) for c in (positive, negative))
+    plain = guided(plain_guider(base, positive, negative))
+    hook_run = guided(plain_guider(base, *hooked))  # ComfyUI's own hook path, on one model
+    assert (hook_run - plain).abs().max() > 10  # the LoRA acts
+    assert torch.equal(guided(stitch_guider(base, base, hooked, (positive, negative), 1.0)), hook_run)
+    assert torch.equal(guided(plain_guider(stitch(base, base, 0.5), *hooked)), hook_run)  # the sampler's hooks
+    for small in (base, other):
+        # A hook patches the weights as add_patches does, up to float rounding.
+        expected = guided(plain_guider(stitch(with_lora(small), base, 0.5), positive, negative))
+        stitched = guided(stitch_guider(small, base, hooked, (positive, negative), 0.5))
+        assert torch.allclose(stitched, expected, rtol=0, atol=1e-3), (stitched - expected).abs().max()
+        chained = chain(small, base, switches=(0.5,), positive_1=hooked[0], negative_1=hooked[1], cfg_1=2.0)
+        assert torch.equal(guided(plain_guider(chained, positive, negative)), stitched)
+    assert torch.equal(guided(plain_guider(base, positive, negative)), plain)  # no hook weights left on the network
+
+
+def test_hooks_on_the_last_models_own_conditioning_are_refused():
+    """ComfyUI registers conditioning hooks from the sampler's conditioning before any wrapper runs, so hooks on the
+    last model's own positive_k/negative_k would be silently dropped: refused, with the way out."""
+    import comfy.hooks
+
+    base = tiny_models.build_tiny_model("sd15")
+    positive = tiny_models.tiny_conditioning("sd15", 1)
+    hooked = comfy.hooks.set_hooks_for_conditioning(positive, lora_hook())
+    with pytest.raises(ValueError, match="model_2: its own conditioning carries hooks .* connect it to the sampler's"):
+        chain(base, base, positive_2=hooked, negative_2=zero_negative(positive))
+    with pytest.raises(ValueError, match="model_3: its own conditioning carries hooks"):
+        chain(base, base, base, switches=(0.2, 0.6), positive_3=positive, negative_3=hooked)
+    chain(base, base, positive_1=hooked, negative_1=zero_negative(positive))  # an earlier model's: supported
