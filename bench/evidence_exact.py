@@ -344,22 +344,10 @@ def video_section() -> str:
     import test_multitext_video as tm
 
     vs, temporal = tm.vs, tm.temporal
-
-    def round_trip(flow, steps, refine):
-        """Invert the repeated last frame, sample it back with everything off: relative RMS error."""
-        setting = tm.ExactSetting(flow, cfg=1.0)
-        clip = setting.video.sample(tm.SHAPE, setting.means[0], torch.Generator().manual_seed(4))
-        still = vs.repeat_last_frame(clip)
-        plain = vs.SegmentSettings(flow, last_frame_inversion=0.0, dynamic_noise=False, structure_guidance=0.0)
-        sigmas = tm.schedule(flow, steps)
-        inverted = vs.invert(setting.unconditional, still, vs.inversion_schedule(sigmas), flow, refine=refine)
-        out = vs.sample_segment(setting.unconditional, inverted.x, sigmas, plain).samples
-        return temporal.frame_distance(out, still) / float(still.pow(2).mean().sqrt())
-
     rows = []
     for flow, name in ((True, "flow"), (False, "EPS")):
         ratios = [tm.boundary_ratio(flow, vs.SegmentSettings(flow, structure_guidance=g)) for g in (7.0, 30.0, 0.0)]
-        refined = [round_trip(flow, 20, r) for r in (0, 2, 8)]
+        refined = [tm.round_trip_error(flow, 20, r) for r in (0, 2, 8)]
         ok = ratios[0] < 0.35 and ratios[2] > 0.6 and refined[2] < 1e-3 and refined[0] > refined[1] > refined[2]
         rows.append(f"| {name} | {ratios[0]:.3f} | {ratios[1]:.3f} | {ratios[2]:.3f} | "
                     f"{refined[0]:.1e} / {refined[1]:.1e} / {refined[2]:.1e} | {_verdict(ok)} |")  # fmt: skip

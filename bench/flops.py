@@ -108,8 +108,8 @@ def section() -> str:
 
     big_latent = (latent[0], 2 * latent[1], 2 * latent[2])
     unet_2048 = forward_flops(sdxl, dtype, big_latent, tokens, width, 2816, 2)
-    vae = torch.device("meta")
-    with vae:
+    meta = torch.device("meta")
+    with meta:
         sd_vae = sdpa_vae(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(_SD_VAE), embed_dim=4))
     z = torch.zeros(1, *big_latent, device="meta")
     image = torch.zeros(1, 3, 8 * big_latent[1], 8 * big_latent[2], device="meta")
@@ -128,7 +128,7 @@ def section() -> str:
     wan = meta_network("WAN21_T2V", torch.bfloat16, multitext_video_speed.WAN_1_3B)
     cfg_call = forward_flops(wan, torch.bfloat16, wan_latent, 512, 4096, None, 2)
     uncond_call = forward_flops(wan, torch.bfloat16, wan_latent, 512, 4096, None, 1)
-    with vae:
+    with meta:
         wan_vae = sdpa_vae(comfy.ldm.wan.vae.WanVAE(**_WAN_VAE))
     video = torch.zeros(1, 3, 33, 480, 832, device="meta")
     wan_z = torch.zeros(1, *wan_latent, device="meta")

@@ -32,6 +32,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import smc
+from .guiders import is_plain_cfg_guider
 
 EXPERTS_KEY = "trajectory_lab.fkc_experts"  # model_options slot: a dict the guider fills with "pred"
 RUN_KEY = "trajectory_lab.fkc_run"  # extra_args entry: per-run state from sample() to the sampler function
@@ -91,10 +92,7 @@ def expert_source(guider) -> ExpertSource:
     """How the FKC sampler gets per-expert predictions from this guider, or a clear error."""
     if isinstance(guider, ProductOfExpertsGuider):
         return ExpertSource("product", len(guider.expert_betas()), sum(guider.expert_betas().values()))
-    if (
-        isinstance(guider, comfy.samplers.CFGGuider)
-        and type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise
-    ):
+    if is_plain_cfg_guider(guider):
         return ExpertSource("cfg", 1 if math.isclose(guider.cfg, 1.0) else 2, 1.0)
     raise ValueError(
         f"TL_FKCSampler needs each expert's prediction, but the guider {type(guider).__name__} combines them in "

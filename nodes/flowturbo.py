@@ -37,6 +37,7 @@ from ..samplers.velocity_refiner import (
     tile_rows,
     train_velocity_refiner,
 )
+from .guiders import is_plain_cfg_guider
 
 FOLDER = "velocity_refiners"
 FORMAT = "trajectory_lab.velocity_refiner/1"
@@ -181,12 +182,7 @@ def guider_cfg(model_k) -> float | None:
     """The CFG scale of a plain CFGGuider (SamplerCustom's cfg, CFGGuider, BasicGuider); None for a guider that
     combines predictions its own way, whose cfg attribute may not be the scale it applies."""
     guider = getattr(model_k, "inner_model", None)
-    if (
-        isinstance(guider, comfy.samplers.CFGGuider)
-        and type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise
-    ):
-        return float(guider.cfg)
-    return None
+    return float(guider.cfg) if is_plain_cfg_guider(guider) else None
 
 
 def _base_model(model_k):

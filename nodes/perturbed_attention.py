@@ -40,6 +40,7 @@ from ..guidance.perturbed_attention import (
     split_heads,
 )
 from .architectures import Architecture, detect_architecture
+from .guiders import is_plain_cfg_guider
 
 WRAPPER_KEY = "trajectory_lab.perturbed_attention"
 PERTURBED_STASH = "trajectory_lab.pag_perturbed"  # model_options entry: this step's perturbed prediction
@@ -231,6 +232,11 @@ def _carries(cond: list, key: str | None) -> bool:
     return key is not None and any(key in c.get("model_conds", {}) for c in cond)
 
 
+def _replace_in_place(m, kind: str, key: tuple):
+    """The patches_replace entry (another pack's, or ComfyUI's) that a patch of ours at `key` chains to."""
+    return m.model_options["transformer_options"].get("patches_replace", {}).get(kind, {}).get(key)
+
+
 def _ours(fn) -> bool:
     return hasattr(fn, "tl_previous") or getattr(fn, "tl_pag", False)
 
@@ -240,10 +246,6 @@ def _unwrap(fn):
     while fn is not None and hasattr(fn, "tl_previous"):
         fn = fn.tl_previous
     return fn
-
-
-def _uses_own_predict_noise(guider) -> bool:
-    return type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise
 
 
 def apply_perturbed_attention(
@@ -265,15 +267,15 @@ def apply_perturbed_attention(
         for layer in unet_layers:
             for index in layer.transformer_indices or (None,):
                 key = (layer.block, layer.number) + (() if index is None else (index,))
-                previous = m.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {}).get(key)
-                m.set_model_attn1_replace(_unet_attn1(previous), layer.block, layer.number, index)
+                m.set_model_attn1_replace(_unet_attn1(_replace_in_place(m, "attn1", key)), layer.block, layer.number,
+                                          index)  # fmt: skip
     else:
         selected = {(la.kind, la.index) for la in dit_layers}
         recorders = set()
         if arch.joint_layout != "none" and any(kind == "single_block" for kind, _ in selected):
             recorders = {("double_block", i) for i in range(arch.dit_blocks["double_block"])} - selected
         for key in sorted(selected | recorders):
-            previous = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(key)
+            previous = _replace_in_place(m, "dit", key)
             patch = _dit_block(previous, arch.joint_layout) if key in selected else _record_text_tokens(previous)
             m.set_model_patch_replace(patch, "dit", *key)
         options = m.model_options["transformer_options"] = dict(m.model_options["transformer_options"])
@@ -320,7 +322,7 @@ def apply_perturbed_attention(
         """Guiders with their own combination (DualCFG, PerpNeg, ...): their result + s_t (D_positive - D_pert),
         with the guider's "positive" conditioning (DualCFG's cond1) perturbed."""
         guider = executor.class_obj
-        if not _uses_own_predict_noise(guider) or not schedule.active(float(timestep.flatten()[0])):
+        if is_plain_cfg_guider(guider) or not schedule.active(float(timestep.flatten()[0])):
             return executor(x, timestep, model_options, seed)
         positive = guider.conds.get("positive")
         if positive is None:

@@ -41,6 +41,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..samplers.stitching import check_fractions, model_index, segment_bounds, step_thresholds
+from .guiders import is_plain_cfg_guider
 
 WRAPPER_KEY = "trajectory_lab.tstitch"
 RUN_KEY = "trajectory_lab.tstitch_run"  # guider model_options entry holding the per-run stage state
@@ -314,7 +315,7 @@ def stitch_models(
         run = state.earlier[index]
         guider = executor.class_obj
         options = with_sampler_additions(run.model_options, model_options, guider.model_options)
-        if type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
+        if not is_plain_cfg_guider(guider):
             with guider_on_stage(guider, run):
                 return guider.predict_noise(x, timestep, options, seed)
         return comfy.samplers.sampling_function(

@@ -183,24 +183,25 @@ def test_concatenation_drops_each_later_segments_duplicate_frame():
     assert still.flatten().tolist() == [5.0] * 6
 
 
-@pytest.mark.parametrize("flow", [True, False], ids=["flow", "eps"])
-def test_inversion_then_sampling_reproduces_the_repeated_last_frame(flow):
+def round_trip_error(flow: bool, steps: int, refine: int) -> float:
+    """The repeated last frame inverted and sampled back with everything off: relative RMS error."""
     setting = ExactSetting(flow, cfg=1.0)
     clip = setting.video.sample(SHAPE, setting.means[0], torch.Generator().manual_seed(4))
     still = vs.repeat_last_frame(clip)
     plain = vs.SegmentSettings(flow, last_frame_inversion=0.0, dynamic_noise=False, structure_guidance=0.0)
+    sigmas = schedule(flow, steps)
+    inverted = vs.invert(setting.unconditional, still, vs.inversion_schedule(sigmas), flow, refine=refine)
+    out = vs.sample_segment(setting.unconditional, inverted.x, sigmas, plain).samples
+    return temporal.frame_distance(out, still) / float(still.pow(2).mean().sqrt())
 
-    def error(steps, refine):
-        sigmas = schedule(flow, steps)
-        inverted = vs.invert(setting.unconditional, still, vs.inversion_schedule(sigmas), flow, refine=refine)
-        out = vs.sample_segment(setting.unconditional, inverted.x, sigmas, plain).samples
-        return temporal.frame_distance(out, still) / float(still.pow(2).mean().sqrt())
 
-    refined = [error(20, r) for r in (0, 2, 8)]
+@pytest.mark.parametrize("flow", [True, False], ids=["flow", "eps"])
+def test_inversion_then_sampling_reproduces_the_repeated_last_frame(flow):
+    refined = [round_trip_error(flow, 20, r) for r in (0, 2, 8)]
     assert refined[0] > refined[1] > refined[2], refined
     assert refined[2] < 1e-3, refined  # fixed-point rounds converge to the exact inverse of the Euler sampler
     if flow:  # plain DDIM inversion through the flow ODE: first order in the step
-        plain_errors = [error(n, 0) for n in (10, 20, 40)]
+        plain_errors = [round_trip_error(flow, n, 0) for n in (10, 20, 40)]
         assert plain_errors[0] > plain_errors[1] > plain_errors[2] and plain_errors[1] < 0.02, plain_errors
 
 
